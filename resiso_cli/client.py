@@ -1,0 +1,193 @@
+"""The Python client of resisod — the same one the CLI uses.
+
+    from resiso_cli.client import Client
+    with Client() as c:
+        stream = c.submit("llm", {"prompt": "Hello", "max_tokens": 32})
+        for ev in stream:
+            if ev["event"] == "token":
+                print(ev["text"], end="", flush=True)
+        print(stream.final)
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+import time
+from typing import Any, Iterator
+
+import zmq
+
+from resisod.paths import _answers, client_socket
+from resisod.protocol import FINAL_EVENTS, HARD_FRAME_LIMIT, Event, Op, pack, request, unpack
+
+
+class DaemonUnreachable(Exception):
+    def __init__(self, path: str, detail: str = ""):
+        super().__init__(
+            f"cannot reach resisod at {path}{': ' + detail if detail else ''}. Start it with "
+            f"`resisod` (or `systemctl start resisod`), or point RESISO_SOCKET at its socket.")
+        self.path = path
+
+
+class Rejected(Exception):
+    """The daemon answered with an error (bad request, queue full, not found, ...)."""
+
+    def __init__(self, event: dict[str, Any]):
+        super().__init__(f"{event.get('code')}: {event.get('message')}")
+        self.code = event.get("code", "")
+        self.message = event.get("message", "")
+        self.event = event
+
+
+class Client:
+    def __init__(self, socket_path: str | None = None, *, timeout: float = 30.0):
+        self.path = socket_path or client_socket()
+        self.timeout = timeout
+        if not os.path.exists(self.path):
+            raise DaemonUnreachable(self.path, "no socket there")
+        if not _answers(self.path):
+            raise DaemonUnreachable(self.path, "nothing listens on the socket")
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, HARD_FRAME_LIMIT)
+        self.sock.connect(f"ipc://{self.path}")
+        self._rids = itertools.count(1)
+        self._inbox: dict[Any, collections.deque] = collections.defaultdict(collections.deque)
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+    # --- plumbing ----------------------------------------------------------------------------
+    def send(self, op: str, **fields: Any) -> int:
+        rid = next(self._rids)
+        self.sock.send(pack(request(op, rid, **fields)))
+        return rid
+
+    def recv(self, rid: Any, timeout: float | None) -> dict[str, Any] | None:
+        """The next event for `rid`, or None after `timeout` seconds without one."""
+        box = self._inbox.get(rid)
+        if box:
+            return box.popleft()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not self.sock.poll(None if wait is None else wait * 1000):
+                return None
+            msg = unpack(self.sock.recv(), max_bytes=HARD_FRAME_LIMIT)
+            if msg.get("rid") == rid:
+                return msg
+            self._inbox[msg.get("rid")].append(msg)
+
+    def call(self, op: str, **fields: Any) -> dict[str, Any]:
+        rid = self.send(op, **fields)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            ev = self.recv(rid, timeout=min(2.0, max(0.0, deadline - time.monotonic())))
+            if ev is not None:
+                break
+            if not _answers(self.path):
+                raise DaemonUnreachable(self.path, "the daemon went away")
+            if time.monotonic() >= deadline:
+                raise DaemonUnreachable(self.path, f"no answer to {op!r} in {self.timeout:.0f}s")
+        if ev.get("event") == Event.ERROR.value:
+            raise Rejected(ev)
+        return ev
+
+    # --- ops ---------------------------------------------------------------------------------
+    def ping(self) -> dict[str, Any]:
+        return self.call(Op.PING.value)
+
+    def status(self) -> dict[str, Any]:
+        return self.call(Op.STATUS.value)
+
+    def jobs(self, *, limit: int = 20, state: str | None = None) -> list[dict[str, Any]]:
+        fields: dict[str, Any] = {"limit": limit}
+        if state:
+            fields["state"] = state
+        return self.call(Op.JOBS.value, **fields)["jobs"]
+
+    def get(self, task_id: str, *, data: bool = False) -> dict[str, Any]:
+        return self.call(Op.GET.value, task_id=task_id, data=data)
+
+    def cancel(self, task_id: str) -> dict[str, Any]:
+        return self.call(Op.CANCEL.value, task_id=task_id)
+
+    def submit(self, kind: str, params: dict[str, Any], *, domain: str | None = None,
+               priority: str | None = None, timeout_ms: int | None = None,
+               stream: bool = True) -> "JobStream":
+        """Submit a job. Raises Rejected if the daemon refuses it; otherwise the returned
+        stream's `accepted` holds the task id, queue position and estimate. With
+        stream=False the job is detached: iterate nothing, `watch` it later."""
+        fields: dict[str, Any] = {"kind": kind, "params": params, "stream": stream}
+        if domain:
+            fields["domain"] = domain
+        if priority:
+            fields["priority"] = priority
+        if timeout_ms is not None:
+            fields["timeout_ms"] = timeout_ms
+        rid = self.send(Op.SUBMIT.value, **fields)
+        return JobStream(self, rid, Op.SUBMIT.value)
+
+    def watch(self, task_id: str) -> "JobStream":
+        rid = self.send(Op.WATCH.value, task_id=task_id)
+        return JobStream(self, rid, Op.WATCH.value)
+
+
+class JobStream:
+    """Events of one job, ending with its final event (kept in `final`)."""
+
+    def __init__(self, client: Client, rid: int, op: str):
+        self.client = client
+        self.rid = rid
+        self.final: dict[str, Any] | None = None
+        self.task_id: str | None = None
+        self.alive_s = 0.5
+        self._pending: collections.deque = collections.deque()
+        first = self._next(client.timeout)
+        if first["event"] == Event.ERROR.value and "task_id" not in first:
+            raise Rejected(first)  # refused before it became a job
+        self.task_id = first.get("task_id")
+        self.accepted = first
+        self.alive_s = first.get("alive_ms", 500) / 1000.0
+        self._pending.append(first)
+
+    def _next(self, timeout: float | None) -> dict[str, Any]:
+        """Next event; keeps the daemon told that we still listen; notices a dead daemon."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        silent_since = time.monotonic()
+        while True:
+            ev = self.client.recv(self.rid, timeout=self.alive_s)
+            if ev is not None:
+                return ev
+            self.client.send(Op.ALIVE.value, rids=[self.rid])
+            now = time.monotonic()
+            if now - silent_since > 3.0:
+                if not _answers(self.client.path):
+                    raise DaemonUnreachable(self.client.path, "the daemon went away")
+                silent_since = now
+            if deadline is not None and now >= deadline:
+                raise DaemonUnreachable(self.client.path, "no answer")
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while self.final is None:
+            ev = self._pending.popleft() if self._pending else self._next(None)
+            if ev.get("event") in FINAL_EVENTS:
+                self.final = ev
+            yield ev
+
+    def wait(self) -> dict[str, Any]:
+        for _ in self:
+            pass
+        assert self.final is not None
+        return self.final
+
+    def cancel(self) -> dict[str, Any]:
+        return self.client.cancel(self.task_id) if self.task_id else {}

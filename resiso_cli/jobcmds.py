@@ -1,0 +1,154 @@
+"""`resiso status|jobs|show|watch|wait|cancel|get`: look at and steer jobs."""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import output
+from .generate import follow_image, save_result
+from .session import connected
+
+
+def status(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Domains, their workers, queues and numbers."""
+    with connected(as_json) as client:
+        st = client.status()
+    body = {k: v for k, v in st.items() if k not in ("v", "rid", "event")}
+    if as_json:
+        output.print_json(body)
+        return
+    console = Console()
+    console.print(f"resisod {st['version']} pid {st['pid']} up {st['uptime_s']:.0f}s "
+                  f"socket {st['socket']}")
+    table = Table("domain", "kind", "engine", "state", "queue r/n/b", "running", "done",
+                  "failed", "p50 ms", "p95 ms", "preempt")
+    for name, d in st["domains"].items():
+        q = d["queue"]
+        state = d["state"] + (f" ({d['reason']})" if d["reason"] else "")
+        table.add_row(name, d["kind"], d["engine"], state,
+                      f"{q['realtime']}/{q['normal']}/{q['batch']}", str(d["running"]),
+                      str(d["completed"]), str(d["failed"]), _ms(d["p50_ms"]), _ms(d["p95_ms"]),
+                      str(d["preemptions"]))
+    console.print(table)
+    workers = Table("worker", "pid", "state", "cpus", "threads", "sched", "device", "rss MB",
+                    "job", "restarts", "last error")
+    for d in st["domains"].values():
+        for w in d["workers"]:
+            workers.add_row(w["name"], str(w["pid"] or "-"), w["state"],
+                            ",".join(map(str, w["cpus"])) or "all", str(w["threads"]),
+                            w["sched"], w["device"], _ms(w["rss_mb"]), w["job"] or "-",
+                            str(w["restarts"]), w["last_error"] or "")
+    console.print(workers)
+    if st.get("gpus"):
+        for g in st["gpus"]:
+            console.print(f"GPU {g['index']} {g['name']}: {g['used_mb']:.0f}/"
+                          f"{g['total_mb']:.0f} MB")
+
+
+def _ms(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:.0f}"
+
+
+def jobs(limit: int = typer.Option(20, "--limit", "-n"),
+         state: Optional[str] = typer.Option(None, "--state"),
+         as_json: bool = typer.Option(False, "--json")) -> None:
+    """Recent jobs, newest first."""
+    with connected(as_json) as client:
+        rows = client.jobs(limit=limit, state=state)
+    if as_json:
+        output.print_json({"jobs": rows})
+        return
+    table = Table("task_id", "domain", "status", "created", "time ms", "error")
+    import time
+    for j in rows:
+        took = j.get("generation_time_ms")
+        table.add_row(j["task_id"], j["domain"], j["status"],
+                      time.strftime("%H:%M:%S", time.localtime(j["created_at"])),
+                      _ms(took), (j.get("error") or {}).get("code", ""))
+    Console().print(table)
+
+
+def show(task_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """One job's record."""
+    with connected(as_json) as client:
+        rec = client.get(task_id)
+    body = {k: v for k, v in rec.items() if k not in ("v", "rid", "event")}
+    if as_json:
+        output.print_json(body)
+    else:
+        for k, v in body.items():
+            print(f"{k}: {v}")
+
+
+def watch(task_id: str, out: Optional[str] = typer.Option(None, "--out", "-o",
+                                                          help="Save the result file here."),
+          as_json: bool = typer.Option(False, "--json")) -> None:
+    """Attach to a job from any terminal and follow it to the end."""
+    with connected(as_json) as client:
+        stream = client.watch(task_id)
+        if task_id.startswith("llm_"):
+            for ev in stream:
+                if ev["event"] == "token" and not as_json:
+                    sys.stdout.write(ev.get("text", ""))
+                    sys.stdout.flush()
+            raise SystemExit(output.report_final(stream.final, as_json))
+        raise SystemExit(follow_image(client, stream, out, output.stderr_is_tty(), as_json,
+                                      save=out is not None))
+
+
+def wait(task_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Block until a job finishes; exit 0 if it completed."""
+    with connected(as_json) as client:
+        final = client.watch(task_id).wait()
+    if not as_json and final.get("event") == "result":
+        print(final.get("status", "completed"))
+    raise SystemExit(output.report_final(final, as_json))
+
+
+def cancel(task_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Cancel a queued or running job (returns once it has stopped)."""
+    with connected(as_json) as client:
+        res = client.cancel(task_id)
+    body = {"task_id": res.get("task_id"), "status": res.get("status"),
+            "cancelled": res.get("cancelled")}
+    if as_json:
+        output.print_json(body)
+    elif res.get("cancelled"):
+        print(f"{task_id} cancelled")
+    else:
+        output.err.print(f"{task_id} was already {res.get('status')}")
+    raise SystemExit(output.OK if res.get("cancelled") else output.FAILED)
+
+
+def get(task_id: str,
+        out: Optional[str] = typer.Option(None, "--out", "-o",
+                                          help="File to write ('-' = stdout)."),
+        as_json: bool = typer.Option(False, "--json")) -> None:
+    """Fetch a finished job's result: the image/audio file, or the text."""
+    with connected(as_json) as client:
+        rec = client.get(task_id)
+        body: dict[str, Any] = {k: v for k, v in rec.items() if k not in ("v", "rid", "event")}
+        if rec.get("status") != "completed":
+            if as_json:
+                output.print_json(body)
+            else:
+                output.err.print(f"{task_id} is {rec.get('status')}")
+            raise SystemExit(output.FAILED)
+        if rec.get("image_path") or rec.get("audio_path"):
+            ext = ".png" if rec.get("image_path") else ".wav"
+            body["out"] = save_result(client, task_id, out or f"./{task_id}{ext}")
+            if not as_json and body["out"] != "-":
+                print(body["out"])
+        elif out and out != "-":
+            with open(out, "w") as f:
+                f.write(str(rec.get("result", "")))
+            body["out"] = os.path.abspath(out)
+        elif not as_json:
+            print(rec.get("result", ""))
+    if as_json:
+        output.print_json(body)

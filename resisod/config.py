@@ -1,0 +1,285 @@
+"""Configuration: TOML in, a validated tree with every default filled in out.
+
+Errors name the exact key and what is allowed, so `resisod --check-config` can print them
+as they are. The schema below is the single source of defaults; config.toml documents it.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import tomllib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+KINDS = ("llm", "tts", "image", "null")
+ENGINES = {
+    "llm": ("llama_cpp", "transformers"),
+    "tts": ("piper", "coqui", "espeak"),
+    "image": ("diffusers",),
+    "null": ("null",),
+}
+PRIORITIES = ("realtime", "normal", "batch")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class ConfigError(Exception):
+    def __init__(self, errors: list[str]):
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+@dataclass(frozen=True)
+class Key:
+    default: Any
+    check: Callable[[Any], str | None]
+
+
+def _int(lo: int, hi: int | None = None) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        if isinstance(v, bool) or not isinstance(v, int):
+            return f"must be an integer, got {type(v).__name__}"
+        if v < lo or (hi is not None and v > hi):
+            return f"must be between {lo} and {hi}" if hi is not None else f"must be >= {lo}"
+        return None
+    return check
+
+
+def _num(lo: float, hi: float | None = None) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return f"must be a number, got {type(v).__name__}"
+        if v < lo or (hi is not None and v > hi):
+            return f"must be between {lo} and {hi}" if hi is not None else f"must be >= {lo}"
+        return None
+    return check
+
+
+def _str(choices: tuple[str, ...] | None = None) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        if not isinstance(v, str):
+            return f"must be a string, got {type(v).__name__}"
+        if choices is not None and v not in choices:
+            return f"must be one of {', '.join(repr(c) for c in choices)}, got {v!r}"
+        return None
+    return check
+
+
+def _bool(v: Any) -> str | None:
+    return None if isinstance(v, bool) else f"must be true or false, got {type(v).__name__}"
+
+
+def _cpus(v: Any) -> str | None:
+    if not isinstance(v, list) or not all(isinstance(c, int) and not isinstance(c, bool)
+                                         and c >= 0 for c in v):
+        return "must be a list of CPU numbers (non-negative integers), e.g. [0, 1]"
+    return None
+
+
+def _device(v: Any) -> str | None:
+    if not isinstance(v, str):
+        return f"must be a string, got {type(v).__name__}"
+    if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
+        return None
+    return f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {v!r}"
+
+
+SCHEMA: dict[str, dict[str, Key]] = {
+    "daemon": {
+        "socket": Key("", _str()),
+        "state_dir": Key("", _str()),
+        "socket_group": Key("", _str()),
+        "max_clients": Key(64, _int(1, 100000)),
+        "request_timeout_ms": Key(120000, _int(0)),
+        "batch_timeout_ms": Key(3600000, _int(0)),
+        "heartbeat_ms": Key(500, _int(20, 60000)),
+        "max_request_bytes": Key(1048576, _int(1024, 64 * 1024 * 1024)),
+        "result_ttl_hours": Key(24.0, _num(0)),
+        "shutdown_grace_s": Key(10.0, _num(0, 3600)),
+        "restart_backoff_max_s": Key(30.0, _num(0.1, 3600)),
+    },
+    "logging": {
+        "level": Key("INFO", _str(LOG_LEVELS)),
+        "file": Key("", _str()),
+        "max_size_mb": Key(10.0, _num(0.001)),
+        "backups": Key(3, _int(0, 100)),
+        "json": Key(False, _bool),
+    },
+    "resources": {
+        "cpu_threads": Key(0, _int(0, 1024)),
+        "max_memory_mb": Key(0, _int(0)),
+    },
+    "resources.gpu_allocation": {
+        "llm": Key(70, _int(0, 100)),
+        "image": Key(30, _int(0, 100)),
+    },
+    "http": {
+        "enabled": Key(False, _bool),
+        "listen": Key("127.0.0.1:8080", _str()),
+        "api_key": Key("", _str()),
+        "max_body_bytes": Key(1048576, _int(1024)),
+        "cors_origins": Key([], lambda v: None if isinstance(v, list) and all(
+            isinstance(o, str) for o in v) else "must be a list of origin strings"),
+    },
+}
+
+DOMAIN_COMMON: dict[str, Key] = {
+    "kind": Key(None, _str(KINDS)),
+    "engine": Key(None, _str()),
+    "model": Key("", _str()),
+    "device": Key("auto", _device),
+    "workers": Key(1, _int(1, 64)),
+    "cpus": Key([], _cpus),
+    "threads": Key(0, _int(0, 1024)),
+    "priority": Key("normal", _str(PRIORITIES)),
+    "max_queue": Key(64, _int(1, 1000000)),
+    "max_memory_mb": Key(0, _int(0)),
+    "keep_alive_s": Key(0.0, _num(0)),
+    "preemptible": Key(False, _bool),
+    "timeout_ms": Key(0, _int(0)),
+}
+
+DOMAIN_KIND: dict[str, dict[str, Key]] = {
+    "llm": {
+        "context_size": Key(2048, _int(64, 1048576)),
+        "max_tokens_limit": Key(4096, _int(1, 1048576)),
+        "default_max_tokens": Key(256, _int(1, 1048576)),
+        "dtype": Key("auto", _str(("auto", "fp32", "fp16", "bf16"))),
+        "gpu_layers": Key(-1, _int(-1)),
+        "model_name": Key("", _str()),
+    },
+    "tts": {
+        "voice": Key("", _str()),
+        "max_chars": Key(5000, _int(1, 1000000)),
+        "cache_mb": Key(256, _int(0)),
+        "config_path": Key("", _str()),
+    },
+    "image": {
+        "default_width": Key(256, _int(8, 8192)),
+        "default_height": Key(256, _int(8, 8192)),
+        "default_steps": Key(20, _int(1, 150)),
+        "turbo_steps": Key(4, _int(1, 150)),
+        "max_side": Key(2048, _int(8, 16384)),
+        "dtype": Key("auto", _str(("auto", "fp32", "fp16", "bf16"))),
+    },
+    "null": {
+        "delay_ms": Key(0.0, _num(0)),
+        "steps": Key(0, _int(0, 1000000)),
+        "load_ms": Key(0.0, _num(0)),
+    },
+}
+
+DEFAULT_DOMAINS: dict[str, dict[str, Any]] = {
+    "llm": {"kind": "llm", "engine": "llama_cpp", "model": "builtin:smollm2-135m-instruct",
+            "priority": "realtime"},
+    "tts": {"kind": "tts", "engine": "piper", "model": "builtin:en_US-joe-medium",
+            "device": "cpu", "priority": "realtime"},
+    "image": {"kind": "image", "engine": "diffusers", "model": "builtin:tiny-sd",
+              "priority": "batch", "preemptible": True, "max_queue": 256},
+}
+
+
+def _apply(section: str, schema: dict[str, Key], given: Any, errors: list[str]) -> dict[str, Any]:
+    out = {k: copy.deepcopy(key.default) for k, key in schema.items()}
+    if given is None:
+        return out
+    if not isinstance(given, dict):
+        errors.append(f"[{section}] must be a table")
+        return out
+    for name, value in given.items():
+        key = schema.get(name)
+        if key is None:
+            errors.append(f"{section}.{name}: unknown key; allowed: {', '.join(sorted(schema))}")
+            continue
+        problem = key.check(value)
+        if problem:
+            errors.append(f"{section}.{name}: {problem}")
+        else:
+            out[name] = value
+    return out
+
+
+def _domain(name: str, given: Any, errors: list[str]) -> dict[str, Any]:
+    if not isinstance(given, dict):
+        errors.append(f"[domains.{name}] must be a table")
+        return {}
+    kind = given.get("kind", DEFAULT_DOMAINS.get(name, {}).get("kind"))
+    if kind not in KINDS:
+        errors.append(f"domains.{name}.kind: must be one of {', '.join(KINDS)}, got {kind!r}")
+        return {}
+    schema = {**DOMAIN_COMMON, **DOMAIN_KIND[kind]}
+    base = {k: v for k, v in DEFAULT_DOMAINS.get(name, {}).items()
+            if DEFAULT_DOMAINS[name].get("kind") == kind}
+    out = _apply(f"domains.{name}", schema, {**base, **given}, errors)
+    out["kind"] = kind
+    if out["engine"] is None:
+        out["engine"] = ENGINES[kind][0]
+    elif out["engine"] not in ENGINES[kind]:
+        errors.append(f"domains.{name}.engine: for kind {kind!r} must be one of "
+                      f"{', '.join(ENGINES[kind])}, got {out['engine']!r}")
+    if kind != "null" and not out["model"] and not (kind == "tts" and out["engine"] == "espeak"):
+        errors.append(f"domains.{name}.model: required for kind {kind!r} "
+                      f"(a path or a builtin: name)")
+    if kind == "tts" and out["device"] == "auto":
+        out["device"] = "cpu"  # speech runs on CPU cores beside the GPU work
+    ncpu = os.cpu_count() or 1
+    bad = [c for c in out["cpus"] if c >= ncpu]
+    if bad:
+        errors.append(f"domains.{name}.cpus: CPU {bad[0]} does not exist (this machine has "
+                      f"CPUs 0-{ncpu - 1})")
+    return out
+
+
+def build(raw: dict[str, Any]) -> dict[str, Any]:
+    """Validate a parsed TOML tree; return the effective configuration or raise ConfigError."""
+    errors: list[str] = []
+    cfg: dict[str, Any] = {}
+    known = {"daemon", "logging", "resources", "http", "domains"}
+    for name in raw:
+        if name not in known:
+            errors.append(f"{name}: unknown section; allowed: {', '.join(sorted(known))}")
+    for section in ("daemon", "logging", "http"):
+        cfg[section] = _apply(section, SCHEMA[section], raw.get(section), errors)
+    resources = dict(raw.get("resources") or {})
+    gpu = resources.pop("gpu_allocation", None)
+    cfg["resources"] = _apply("resources", SCHEMA["resources"], resources, errors)
+    cfg["resources"]["gpu_allocation"] = _apply(
+        "resources.gpu_allocation", SCHEMA["resources.gpu_allocation"], gpu, errors)
+    alloc = cfg["resources"]["gpu_allocation"]
+    if alloc["llm"] + alloc["image"] > 100:
+        errors.append("resources.gpu_allocation: llm + image must not exceed 100 (percent), got "
+                      f"{alloc['llm'] + alloc['image']}")
+    domains_raw = raw.get("domains")
+    if domains_raw is None:
+        domains_raw = {name: {} for name in DEFAULT_DOMAINS}
+    if not isinstance(domains_raw, dict):
+        errors.append("[domains] must be a table of [domains.<name>] tables")
+        domains_raw = {}
+    cfg["domains"] = {}
+    for name, given in domains_raw.items():
+        if not name.replace("_", "").replace("-", "").isalnum():
+            errors.append(f"domains.{name}: a domain name may hold letters, digits, '-' and '_'")
+            continue
+        cfg["domains"][name] = _domain(name, given, errors)
+    if errors:
+        raise ConfigError(errors)
+    return cfg
+
+
+def load(path: str | None) -> dict[str, Any]:
+    """Load and validate a config file; None means built-in defaults only."""
+    if not path:
+        return build({})
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError([f"config file {path} does not exist"])
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"])
+    return build(raw)
+
+
+def gpu_share(cfg: dict[str, Any], domain: dict[str, Any]) -> float:
+    """Fraction of a GPU's memory a domain's process may take (from gpu_allocation by kind)."""
+    pct = cfg["resources"]["gpu_allocation"].get(domain["kind"])
+    return (pct if pct is not None else 100) / 100.0

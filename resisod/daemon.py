@@ -1,0 +1,668 @@
+"""The broker: client ROUTER, worker ROUTER, scheduler and supervisor in one loop.
+
+The loop reads like a table of contents: poll, route client requests, route worker messages,
+dispatch queued jobs to idle workers, and on each tick purge dead workers, enforce deadlines,
+drop vanished clients, preempt batch work and send heartbeats. This process never imports a
+model library.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import zmq
+
+from . import __version__, params as job_params
+from .domains import Domain
+from .jobs import Job, new_task_id
+from .paths import SocketClaim
+from .protocol import (HARD_FRAME_LIMIT, PRIORITY_ORDER, Code, Event, JobState, Op,
+                       ProtocolError, WorkerMsg, check_request, error, event, field, pack,
+                       unpack)
+from .supervisor import SlotState, Supervisor
+
+log = logging.getLogger("resisod")
+
+TICK_S = 0.05
+POSITION_UPDATE_S = 0.25
+MAX_FINISHED_IN_MEMORY = 10000
+DRAIN_BATCH = 512
+
+
+class Daemon:
+    def __init__(self, cfg: dict[str, Any], *, socket_path: str, state_dir: str,
+                 clock: Callable[[], float] = time.monotonic):
+        self.cfg = cfg
+        self.socket_path = socket_path
+        self.state_dir = state_dir
+        self.clock = clock
+        self.hb = cfg["daemon"]["heartbeat_ms"] / 1000.0
+        self.max_request = cfg["daemon"]["max_request_bytes"]
+        self.domains = {name: Domain(name, d) for name, d in cfg["domains"].items()}
+        self.jobs: dict[str, Job] = {}
+        self.active: set[Job] = set()
+        self.finished_order: collections.deque[str] = collections.deque()
+        self.watch_index: dict[tuple[bytes, Any], Job] = {}
+        self.seq = itertools.count()
+        self.stopping = False
+        self.stop_deadline = 0.0
+        self.started = time.time()
+        self.next_tick = 0.0
+        self.next_positions = 0.0
+        self.next_heartbeat = 0.0
+        self.ops = {Op.SUBMIT.value: self.op_submit, Op.WATCH.value: self.op_watch,
+                    Op.CANCEL.value: self.op_cancel, Op.GET.value: self.op_get,
+                    Op.STATUS.value: self.op_status, Op.JOBS.value: self.op_jobs,
+                    Op.PING.value: self.op_ping, Op.ALIVE.value: self.op_alive}
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def open(self) -> None:
+        self.claim = SocketClaim(self.socket_path, self.cfg["daemon"]["socket_group"])
+        worker_path = self.socket_path + ".workers"
+        if len(worker_path) > 100:
+            raise ValueError(f"socket path {self.socket_path!r} is too long for a Unix socket "
+                             f"(keep it under 90 characters)")
+        self.claim.acquire()
+        os.makedirs(self.state_dir, mode=0o750, exist_ok=True)
+        self.ctx = zmq.Context()
+        self.client = self.ctx.socket(zmq.ROUTER)
+        self.workers = self.ctx.socket(zmq.ROUTER)
+        for s in (self.client, self.workers):
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.MAXMSGSIZE, HARD_FRAME_LIMIT)
+            s.setsockopt(zmq.SNDHWM, 100000)
+            s.setsockopt(zmq.RCVHWM, 100000)
+        self.client.bind(f"ipc://{self.socket_path}")
+        self.claim.after_bind()
+        if os.path.exists(worker_path):
+            os.unlink(worker_path)  # ours by the lock we hold: a leftover of a dead daemon
+        self.workers.bind(f"ipc://{worker_path}")
+        os.chmod(worker_path, 0o600)
+        self.supervisor = Supervisor(self.cfg, self.state_dir, f"ipc://{worker_path}",
+                                     clock=self.clock)
+
+    def request_stop(self, *_: Any) -> None:
+        if not self.stopping:
+            log.info("shutting down: no new jobs accepted")
+            self.stopping = True
+            self.stop_deadline = self.clock() + self.cfg["daemon"]["shutdown_grace_s"]
+            for job in list(self.active):
+                if job.state == JobState.RUNNING.value and \
+                        self.domains[job.domain].cfg["priority"] == "batch":
+                    self.cancel_running(job, "shutdown")
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        self.supervisor.start_all()
+        log.info("resisod %s serving on %s (state %s)", __version__, self.socket_path,
+                 self.state_dir)
+        poller = zmq.Poller()
+        poller.register(self.client, zmq.POLLIN)
+        poller.register(self.workers, zmq.POLLIN)
+        while True:
+            now = self.clock()
+            ready = dict(poller.poll(max(0.0, self.next_tick - now) * 1000))
+            if self.client in ready:
+                self.drain(self.client, self.on_client)
+            if self.workers in ready:
+                self.drain(self.workers, self.on_worker)
+            self.dispatch()
+            now = self.clock()
+            if now >= self.next_tick:
+                self.tick(now)
+                self.next_tick = now + TICK_S
+            if self.stopping and self.drained(now):
+                break
+        self.close()
+        return 0
+
+    def drained(self, now: float) -> bool:
+        running = [j for j in self.active if j.state == JobState.RUNNING.value]
+        if not running:
+            return True
+        if now >= self.stop_deadline:
+            for job in running:
+                if not job.cancel_requested:
+                    self.cancel_running(job, "shutdown")
+            return now >= self.stop_deadline + 2 * self.hb
+        return False
+
+    def close(self) -> None:
+        for job in list(self.active):
+            for ident, rid in list(job.watchers):
+                self.send(ident, error(rid, Code.SHUTTING_DOWN,
+                                       "resisod stopped before this job finished",
+                                       task_id=job.task_id))
+        for slot in self.supervisor.slots:
+            if slot.identity:
+                self.workers.send_multipart([slot.identity,
+                                             pack({"op": WorkerMsg.SHUTDOWN.value})])
+        self.supervisor.shutdown()
+        self.client.close(0)
+        self.workers.close(0)
+        self.ctx.term()
+        self.claim.release()
+        log.info("resisod stopped")
+
+    # --- routing -----------------------------------------------------------------------------
+    def drain(self, sock: zmq.Socket, handle: Callable[[bytes, list[bytes]], None]) -> None:
+        for _ in range(DRAIN_BATCH):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            handle(frames[0], frames[1:])
+
+    def send(self, ident: bytes, msg: dict[str, Any]) -> None:
+        try:
+            self.client.send_multipart([ident, pack(msg)], zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("client send queue full; dropped a %s event", msg.get("event"))
+
+    def on_client(self, ident: bytes, frames: list[bytes]) -> None:
+        rid = None
+        try:
+            if len(frames) != 1:
+                raise ProtocolError(Code.BAD_REQUEST,
+                                    f"a request is one frame; got {len(frames)} frames")
+            msg = unpack(frames[0], max_bytes=self.max_request)
+            op, rid = check_request(msg)
+            self.ops[op](ident, rid, msg)
+        except ProtocolError as exc:
+            self.send(ident, error(rid, exc.code, exc.message))
+
+    def on_worker(self, ident: bytes, frames: list[bytes]) -> None:
+        slot = self.supervisor.by_identity.get(ident)
+        if slot is None or len(frames) != 1:
+            return  # a worker of an earlier generation, already replaced
+        try:
+            msg = unpack(frames[0], max_bytes=HARD_FRAME_LIMIT)
+        except ProtocolError:
+            log.error("worker %s sent an unreadable frame", slot.name)
+            return
+        slot.last_seen = self.clock()
+        op = msg.get("op")
+        domain = self.domains[slot.domain]
+        if op == WorkerMsg.HEARTBEAT.value:
+            return
+        if op == WorkerMsg.PARTIAL.value:
+            self.on_partial(slot, msg)
+        elif op in (WorkerMsg.DONE.value, WorkerMsg.FAILED.value):
+            self.on_job_end(slot, msg)
+        elif op == WorkerMsg.HELLO.value:
+            slot.state = SlotState.LOADING
+        elif op == WorkerMsg.READY.value:
+            slot.state = SlotState.READY
+            slot.ready_since = self.clock()
+            slot.loaded = True
+            if domain.unavailable_reason:
+                log.info("domain %s recovered", domain.name)
+            domain.unavailable_reason = ""
+            log.info("worker %s ready (load %.0f ms)", slot.name, msg.get("load_ms", 0))
+        elif op == WorkerMsg.LOAD_FAILED.value:
+            slot.state = SlotState.FAILED
+            slot.last_error = str(msg.get("reason", "engine failed to load"))
+            log.error("worker %s failed to load its engine: %s", slot.name, slot.last_error)
+            self.check_domain_health(domain)
+        elif op == WorkerMsg.UNLOADED.value:
+            slot.loaded = False
+
+    # --- client ops --------------------------------------------------------------------------
+    def pick_domain(self, msg: dict[str, Any]) -> Domain:
+        name = field(msg, "domain", str)
+        if name is not None:
+            if name not in self.domains:
+                raise ProtocolError(Code.BAD_REQUEST, f"no domain {name!r}; configured: "
+                                    f"{', '.join(sorted(self.domains)) or 'none'}")
+            return self.domains[name]
+        kind = field(msg, "kind", str, required=True)
+        candidates = [d for d in self.domains.values() if d.kind == kind]
+        if not candidates:
+            raise ProtocolError(Code.BAD_REQUEST, f"no domain serves kind {kind!r}; served "
+                                f"kinds: {', '.join(sorted({d.kind for d in self.domains.values()}))}")
+        p = msg.get("params")
+        model = p.get("model") if isinstance(p, dict) else None
+        if model:
+            if not isinstance(model, str):
+                raise ProtocolError(Code.BAD_REQUEST, "'model' must be a string")
+            for d in candidates:
+                if model in served_names(d.cfg):
+                    return d
+            names = sorted(n for d in candidates for n in served_names(d.cfg))
+            raise ProtocolError(Code.BAD_REQUEST, f"model {model!r} is not served; served "
+                                f"{kind} models: {', '.join(names)}")
+        return candidates[0]
+
+    def op_submit(self, ident: bytes, rid: Any, msg: dict[str, Any]) -> None:
+        if self.stopping:
+            raise ProtocolError(Code.SHUTTING_DOWN,
+                                "resisod is shutting down; submit again once it is back")
+        domain = self.pick_domain(msg)
+        if domain.unavailable_reason:
+            raise ProtocolError(Code.ENGINE_UNAVAILABLE, f"domain {domain.name!r} cannot run "
+                                f"jobs: {domain.unavailable_reason}")
+        p = job_params.validate(domain.kind, msg.get("params", {}), domain.cfg)
+        priority = field(msg, "priority", str, default=domain.cfg["priority"])
+        if priority not in PRIORITY_ORDER:
+            raise ProtocolError(Code.BAD_REQUEST, f"'priority' must be one of "
+                                f"{', '.join(PRIORITY_ORDER)}, got {priority!r}")
+        timeout_ms = field(msg, "timeout_ms", int)
+        if timeout_ms is not None and timeout_ms < 0:
+            raise ProtocolError(Code.BAD_REQUEST, "'timeout_ms' must be >= 0")
+        stream = field(msg, "stream", bool, default=True)
+        if len(domain.queue) >= domain.cfg["max_queue"]:
+            raise ProtocolError(Code.QUEUE_FULL, f"domain {domain.name!r} has "
+                                f"{len(domain.queue)} jobs queued (max_queue); retry later")
+        now = self.clock()
+        job = Job(new_task_id(domain.kind), domain.name, domain.kind, p, priority,
+                  seq=next(self.seq), detached=not stream)
+        if timeout_ms is None:
+            timeout_ms = domain.cfg["timeout_ms"] or (
+                self.cfg["daemon"]["batch_timeout_ms"] if priority == "batch"
+                else self.cfg["daemon"]["request_timeout_ms"])
+        job.deadline = now + timeout_ms / 1000.0 if timeout_ms else None
+        if stream:
+            job.watchers[(ident, rid)] = now
+            self.watch_index[(ident, rid)] = job
+        self.jobs[job.task_id] = job
+        self.active.add(job)
+        domain.queue.push(job)
+        position = domain.queue.position(job)
+        job.last_position = position
+        self.send(ident, event(Event.ACCEPTED.value, rid, task_id=job.task_id,
+                               status=JobState.QUEUED.value, position=position,
+                               estimated_time_ms=round(self.wait_estimate(job, now)),
+                               alive_ms=round(self.hb * 1000)))
+        log.info("job %s accepted domain=%s priority=%s position=%d", job.task_id,
+                 domain.name, priority, position)
+        log.debug("job %s params %r", job.task_id, p)
+
+    def wait_estimate(self, job: Job, now: float) -> float:
+        domain = self.domains[job.domain]
+        return domain.wait_estimate(job, now, domain.cfg["workers"])
+
+    def lookup(self, msg: dict[str, Any]) -> Job:
+        task_id = field(msg, "task_id", str, required=True)
+        job = self.jobs.get(task_id)
+        if job is None:
+            raise ProtocolError(Code.NOT_FOUND, f"no job {task_id!r} (it may have expired)")
+        return job
+
+    def op_watch(self, ident: bytes, rid: Any, msg: dict[str, Any]) -> None:
+        job = self.lookup(msg)
+        if job.finished:
+            self.send(ident, self.final_event(job, rid))
+            return
+        now = self.clock()
+        job.watchers[(ident, rid)] = now
+        self.watch_index[(ident, rid)] = job
+        if job.state == JobState.QUEUED.value:
+            self.send(ident, event(Event.QUEUED.value, rid, task_id=job.task_id,
+                                   position=self.domains[job.domain].queue.position(job),
+                                   estimated_time_ms=round(self.wait_estimate(job, now))))
+        else:
+            self.send(ident, event(Event.STARTED.value, rid, task_id=job.task_id,
+                                   attempt=job.attempts))
+            if job.progress:
+                self.send(ident, event(Event.PROGRESS.value, rid, task_id=job.task_id,
+                                       **job.progress))
+            if job.paused:
+                self.send(ident, event(Event.PAUSED.value, rid, task_id=job.task_id))
+
+    def op_cancel(self, ident: bytes, rid: Any, msg: dict[str, Any]) -> None:
+        job = self.lookup(msg)
+        if job.finished:
+            self.send(ident, event(Event.RESULT.value, rid, task_id=job.task_id,
+                                   status=job.state, cancelled=False))
+        elif job.state == JobState.QUEUED.value:
+            self.domains[job.domain].queue.remove(job)
+            self.finish(job, JobState.CANCELLED.value)
+            self.send(ident, event(Event.RESULT.value, rid, task_id=job.task_id,
+                                   status=job.state, cancelled=True))
+        else:
+            job.cancel_waiters.append((ident, rid))
+            self.cancel_running(job, "client")
+
+    def op_get(self, ident: bytes, rid: Any, msg: dict[str, Any]) -> None:
+        job = self.lookup(msg)
+        out = job.record()
+        if field(msg, "data", bool, default=False) and job.state == JobState.COMPLETED.value:
+            path = out.get("image_path") or out.get("audio_path")
+            if path:
+                try:
+                    with open(path, "rb") as f:
+                        out["data"] = f.read()
+                except OSError as exc:
+                    raise ProtocolError(Code.NOT_FOUND, f"the result file of {job.task_id} is "
+                                        f"gone: {exc.strerror}")
+        self.send(ident, event(Event.RESULT.value, rid, **out))
+
+    def op_jobs(self, ident: bytes, rid: Any, msg: dict[str, Any]) -> None:
+        limit = field(msg, "limit", int, default=20)
+        state = field(msg, "state", str)
+        picked = []
+        for job in sorted(self.jobs.values(), key=lambda j: j.created_at, reverse=True):
+            if state is None or job.state == state:
+                picked.append(job.record())
+                if len(picked) >= max(1, min(limit, 1000)):
+                    break
+        self.send(ident, event(Event.RESULT.value, rid, jobs=picked))
+
+    def op_ping(self, ident: bytes, rid: Any, msg: dict[str, Any]) -> None:
+        self.send(ident, event(Event.RESULT.value, rid, pong=True, version=__version__,
+                               pid=os.getpid()))
+
+    def op_alive(self, ident: bytes, rid: Any, msg: dict[str, Any]) -> None:
+        rids = field(msg, "rids", list, default=[])
+        now = self.clock()
+        for r in rids[:4096]:
+            job = self.watch_index.get((ident, r))
+            if job is not None and (ident, r) in job.watchers:
+                job.watchers[(ident, r)] = now
+
+    def op_status(self, ident: bytes, rid: Any, msg: dict[str, Any]) -> None:
+        self.send(ident, event(Event.RESULT.value, rid, **self.status()))
+
+    def status(self) -> dict[str, Any]:
+        domains = {}
+        for name, d in self.domains.items():
+            workers = []
+            for slot in self.supervisor.slots:
+                if slot.domain != name:
+                    continue
+                workers.append({
+                    "name": slot.name, "pid": slot.pid or slot.last_pid, "state": slot.state,
+                    "cpus": slot.cpus, "threads": slot.threads,
+                    "sched": describe_sched(slot), "device": d.cfg["device"],
+                    "rss_mb": round(slot.rss_mb, 1) if slot.rss_mb is not None else None,
+                    "job": slot.job.task_id if slot.job else None,
+                    "restarts": slot.generation - 1, "last_error": slot.last_error,
+                    "loaded": slot.loaded,
+                })
+            states = {w["state"] for w in workers}
+            if d.unavailable_reason:
+                state = "failed"
+            elif states & {SlotState.READY, SlotState.BUSY}:
+                state = "ready"
+            else:
+                state = "loading"
+            domains[name] = {"kind": d.kind, "engine": d.cfg["engine"], "model": d.cfg["model"],
+                             "priority": d.cfg["priority"], "state": state,
+                             "reason": d.unavailable_reason, "paused": d.paused,
+                             "workers": workers, **d.stats()}
+        return {"version": __version__, "pid": os.getpid(), "socket": self.socket_path,
+                "state_dir": self.state_dir, "uptime_s": round(time.time() - self.started, 1),
+                "stopping": self.stopping, "domains": domains}
+
+    # --- job lifecycle -----------------------------------------------------------------------
+    def dispatch(self) -> None:
+        if self.stopping:
+            return
+        for slot in self.supervisor.slots:
+            if slot.state != SlotState.READY or slot.job is not None:
+                continue
+            domain = self.domains[slot.domain]
+            job = domain.queue.pop()
+            if job is None:
+                continue
+            now = self.clock()
+            slot.state, slot.job = SlotState.BUSY, job
+            job.state, job.worker = JobState.RUNNING.value, slot.identity
+            job.started_at = time.time()
+            job.attempts += 1
+            job.progress = None
+            domain.running.add(job)
+            self.workers.send_multipart([slot.identity, pack({
+                "op": WorkerMsg.RUN.value, "task_id": job.task_id, "params": job.params,
+                "attempt": job.attempts})])
+            for ident, rid in job.watchers:
+                self.send(ident, event(Event.STARTED.value, rid, task_id=job.task_id,
+                                       attempt=job.attempts, worker=slot.name))
+            job._dispatched = now  # type: ignore[attr-defined]
+            log.info("job %s started worker=%s attempt=%d", job.task_id, slot.name, job.attempts)
+
+    def on_partial(self, slot: Any, msg: dict[str, Any]) -> None:
+        job = slot.job
+        if job is None or job.task_id != msg.get("task_id"):
+            return
+        name = msg.get("event")
+        fields = {k: v for k, v in msg.items() if k not in ("op", "task_id", "event")}
+        domain = self.domains[job.domain]
+        if name == Event.PROGRESS.value:
+            now = self.clock()
+            last = getattr(job, "_last_step", None)
+            step_start = last if last is not None else job._dispatched  # type: ignore
+            if fields.get("step", 0) > 0:
+                domain.learn_step((now - step_start) * 1000)
+            job._last_step = now  # type: ignore[attr-defined]
+            est = domain.step_ms or 0.0
+            left = max(0, fields.get("total", 0) - fields.get("step", 0))
+            fields["estimated_time_remaining_ms"] = round(est * left)
+            job.progress = fields
+        elif name == Event.PAUSED.value:
+            job.paused = True
+        elif name == Event.RESUMED.value:
+            job.paused = False
+        for ident, rid in job.watchers:
+            self.send(ident, event(name, rid, task_id=job.task_id, **fields))
+
+    def on_job_end(self, slot: Any, msg: dict[str, Any]) -> None:
+        job = slot.job
+        slot.job = None
+        if slot.state == SlotState.BUSY:
+            slot.state = SlotState.READY
+        if job is None or job.task_id != msg.get("task_id"):
+            return
+        if msg["op"] == WorkerMsg.DONE.value:
+            result = dict(msg.get("result") or {})
+            result.setdefault("generation_time_ms",
+                              round((time.time() - job.started_at) * 1000, 1))
+            self.finish(job, JobState.COMPLETED.value, result=result)
+        elif msg.get("code") == Code.CANCELLED.value:
+            self.end_cancelled(job)
+        else:
+            self.finish(job, JobState.FAILED.value,
+                        error={"code": msg.get("code", Code.ENGINE_ERROR.value),
+                               "message": msg.get("message", "")})
+
+    def end_cancelled(self, job: Job) -> None:
+        reason = job.cancel_reason
+        if reason == "timeout":
+            self.finish(job, JobState.FAILED.value, error={
+                "code": Code.TIMEOUT.value, "message": "the job ran past its deadline"})
+        elif reason == "shutdown" and self.domains[job.domain].cfg["priority"] == "batch":
+            self.requeue(job, "resisod is shutting down")
+        elif reason == "shutdown":
+            self.finish(job, JobState.FAILED.value, error={
+                "code": Code.INTERRUPTED.value,
+                "message": "resisod shut down before the job finished"})
+        else:
+            self.finish(job, JobState.CANCELLED.value)
+
+    def cancel_running(self, job: Job, reason: str) -> None:
+        if job.cancel_requested:
+            return
+        job.cancel_requested = True
+        job.cancel_reason = reason
+        if job.worker:
+            self.workers.send_multipart([job.worker, pack({"op": WorkerMsg.CANCEL.value,
+                                                           "task_id": job.task_id})])
+
+    def requeue(self, job: Job, why: str) -> None:
+        domain = self.domains[job.domain]
+        domain.running.discard(job)
+        job.state, job.worker, job.progress, job.paused = JobState.QUEUED.value, None, None, False
+        job.cancel_requested, job.cancel_reason = False, ""
+        domain.queue.push(job)
+        job.last_position = domain.queue.position(job)
+        for ident, rid in job.watchers:
+            self.send(ident, event(Event.QUEUED.value, rid, task_id=job.task_id,
+                                   position=job.last_position, reason=why, retry=True))
+        log.warning("job %s re-queued: %s", job.task_id, why)
+
+    def finish(self, job: Job, state: str, *, result: dict[str, Any] | None = None,
+               error: dict[str, Any] | None = None) -> None:
+        domain = self.domains[job.domain]
+        job.state, job.finished_at = state, time.time()
+        job.result, job.error, job.paused = result, error, False
+        domain.running.discard(job)
+        self.active.discard(job)
+        if state == JobState.COMPLETED.value:
+            domain.completed += 1
+            domain.learn(job, (job.finished_at - job.started_at) * 1000)
+        elif state == JobState.FAILED.value:
+            domain.failed += 1
+        else:
+            domain.cancelled += 1
+        for key in job.watchers:
+            self.send(key[0], self.final_event(job, key[1]))
+            self.watch_index.pop(key, None)
+        job.watchers.clear()
+        for ident, rid in job.cancel_waiters:
+            self.send(ident, event(Event.RESULT.value, rid, task_id=job.task_id,
+                                   status=job.state, cancelled=state == JobState.CANCELLED.value))
+        job.cancel_waiters.clear()
+        self.finished_order.append(job.task_id)
+        while len(self.finished_order) > MAX_FINISHED_IN_MEMORY:
+            self.jobs.pop(self.finished_order.popleft(), None)
+        took = (job.finished_at - job.created_at) * 1000
+        if error:
+            log.info("job %s %s code=%s total_ms=%.0f", job.task_id, state, error["code"], took)
+        else:
+            log.info("job %s %s total_ms=%.0f", job.task_id, state, took)
+
+    def final_event(self, job: Job, rid: Any) -> dict[str, Any]:
+        if job.state == JobState.COMPLETED.value:
+            return event(Event.RESULT.value, rid, **job.record())
+        if job.state == JobState.CANCELLED.value:
+            return event(Event.CANCELLED.value, rid, task_id=job.task_id, status=job.state)
+        err = job.error or {"code": Code.ENGINE_ERROR.value, "message": "failed"}
+        return error(rid, err["code"], err["message"], task_id=job.task_id, status=job.state)
+
+    # --- periodic work -----------------------------------------------------------------------
+    def tick(self, now: float) -> None:
+        self.reap_workers()
+        self.supervisor.restart_due()
+        self.enforce_deadlines(now)
+        self.drop_vanished_clients(now)
+        if now >= self.next_positions:
+            self.send_positions(now)
+            self.next_positions = now + POSITION_UPDATE_S
+        if now >= self.next_heartbeat:
+            for slot in self.supervisor.slots:
+                if slot.proc is not None and slot.state != SlotState.STARTING:
+                    self.workers.send_multipart([slot.identity,
+                                                 pack({"op": WorkerMsg.HEARTBEAT.value})])
+            self.supervisor.check_memory()
+            self.next_heartbeat = now + self.hb
+
+    def reap_workers(self) -> None:
+        for slot, reason in self.supervisor.reap():
+            job = slot.job
+            load_failed = slot.state == SlotState.FAILED
+            memory = slot.kill_reason == "memory_limit"
+            delay = self.supervisor.schedule_restart(
+                slot, slot.last_error if load_failed else reason, load_failed=load_failed)
+            log.warning("worker %s died (%s); restart in %.1fs", slot.name, reason, delay)
+            if job is not None and not job.finished:
+                self.domains[job.domain].running.discard(job)
+                if memory:
+                    budget = self.cfg["domains"][job.domain]["max_memory_mb"] or \
+                        self.cfg["resources"]["max_memory_mb"]
+                    self.finish(job, JobState.FAILED.value, error={
+                        "code": Code.MEMORY_LIMIT.value, "message":
+                            f"the worker passed its memory budget of {budget} MB and was "
+                            f"restarted"})
+                elif job.cancel_requested:
+                    self.end_cancelled(job)
+                elif job.attempts < 2 and not self.stopping:
+                    self.requeue(job, f"worker {slot.name} died ({reason}); retrying once")
+                else:
+                    self.finish(job, JobState.FAILED.value, error={
+                        "code": Code.WORKER_CRASHED.value,
+                        "message": f"the worker running this job died ({reason})"})
+            self.check_domain_health(self.domains[slot.domain])
+
+    def check_domain_health(self, domain: Domain) -> None:
+        """A domain none of whose workers can load (or that crash-loops) rejects its jobs."""
+        slots = [s for s in self.supervisor.slots if s.domain == domain.name]
+        if any(s.state in (SlotState.READY, SlotState.BUSY) for s in slots):
+            return
+        load_failed = all(s.state == SlotState.FAILED for s in slots)
+        crash_loop = all(s.crashes >= 5 for s in slots)
+        if not (load_failed or crash_loop):
+            return
+        last = next((s.last_error for s in slots if s.last_error), "unknown error")
+        reason = last if load_failed else f"workers keep crashing: {last}"
+        if domain.unavailable_reason != reason:
+            log.error("domain %s unavailable: %s", domain.name, reason)
+        domain.unavailable_reason = reason
+        while (job := domain.queue.pop()) is not None:
+            self.finish(job, JobState.FAILED.value, error={
+                "code": Code.ENGINE_UNAVAILABLE.value,
+                "message": f"domain {domain.name!r} cannot run jobs: {reason}"})
+
+    def enforce_deadlines(self, now: float) -> None:
+        for job in list(self.active):
+            if job.deadline is None or now < job.deadline:
+                continue
+            if job.state == JobState.QUEUED.value:
+                self.domains[job.domain].queue.remove(job)
+                self.finish(job, JobState.FAILED.value, error={
+                    "code": Code.TIMEOUT.value,
+                    "message": "the job waited in the queue past its deadline"})
+            elif not job.cancel_requested:
+                self.cancel_running(job, "timeout")
+
+    def drop_vanished_clients(self, now: float) -> None:
+        """Stop streaming jobs nobody listens to any more (image jobs run on, detached)."""
+        limit = max(4 * self.hb, 1.0)
+        for job in list(self.active):
+            if not job.watchers or job.detached:
+                continue
+            gone = [k for k, seen in job.watchers.items() if now - seen > limit]
+            for key in gone:
+                del job.watchers[key]
+                self.watch_index.pop(key, None)
+            if gone and not job.watchers and job.kind in ("llm", "tts", "null"):
+                log.info("job %s: its client is gone; cancelling", job.task_id)
+                if job.state == JobState.QUEUED.value:
+                    self.domains[job.domain].queue.remove(job)
+                    self.finish(job, JobState.CANCELLED.value)
+                else:
+                    self.cancel_running(job, "client_gone")
+
+    def send_positions(self, now: float) -> None:
+        for domain in self.domains.values():
+            for position, job in enumerate(domain.queue):
+                if job.watchers and position != job.last_position:
+                    job.last_position = position
+                    est = round(self.wait_estimate(job, now))
+                    for ident, rid in job.watchers:
+                        self.send(ident, event(Event.QUEUED.value, rid, task_id=job.task_id,
+                                               position=position, estimated_time_ms=est))
+
+
+def served_names(domain_cfg: dict[str, Any]) -> list[str]:
+    """Names a client may use in `model` to pick this domain."""
+    names = [domain_cfg["model"]]
+    if domain_cfg.get("model_name"):
+        names.append(domain_cfg["model_name"])
+    model = domain_cfg["model"]
+    if model.startswith("builtin:"):
+        names.append(model[len("builtin:"):])
+    else:
+        names.append(os.path.basename(model.rstrip("/")))
+    return names
+
+
+def describe_sched(slot: Any) -> str:
+    from .isolation import describe_policy
+    pid = slot.pid
+    return describe_policy(pid) if pid else slot.sched

@@ -1,0 +1,96 @@
+"""The small interface every engine implements, and the job handle it runs against.
+
+Only worker processes import engine modules; this one stays free of model libraries so the
+interface can be read (and type-checked) anywhere.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..protocol import Code
+
+
+class JobError(Exception):
+    """A job-level failure with a stable code (bad input the daemon could not check, ...)."""
+
+    def __init__(self, code: Code | str, message: str):
+        super().__init__(message)
+        self.code = Code(code).value
+        self.message = message
+
+
+class Cancelled(Exception):
+    """Raised at a step boundary once the job has been cancelled."""
+
+
+class EngineUnavailable(Exception):
+    """The engine cannot run on this machine (library missing, model unreadable)."""
+
+
+@dataclass
+class EngineContext:
+    domain_name: str
+    state_dir: str
+    results_dir: str
+    device: str          # "cpu" or "cuda" (the visible GPU, after CUDA_VISIBLE_DEVICES)
+    threads: int
+    gpu_share: float     # fraction of the GPU's memory this process may use
+
+
+class JobControl:
+    """What an engine sees of its running job: emit events, honour cancel and pause.
+
+    `checkpoint()` is called by engines at every token / step / sentence boundary; that is
+    where cancellation and preemption take effect.
+    """
+
+    def __init__(self, task_id: str, emit: Callable[[str, dict[str, Any]], None]):
+        self.task_id = task_id
+        self._emit = emit
+        self.cancelled = threading.Event()
+        self._resume = threading.Event()
+        self._resume.set()
+
+    def emit(self, event: str, **fields: Any) -> None:
+        self._emit(event, fields)
+
+    def pause(self) -> None:
+        self._resume.clear()
+
+    def resume(self) -> None:
+        self._resume.set()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+        self._resume.set()
+
+    def checkpoint(self) -> None:
+        if self.cancelled.is_set():
+            raise Cancelled()
+        if not self._resume.is_set():
+            self.emit("paused")
+            self._resume.wait()
+            if self.cancelled.is_set():
+                raise Cancelled()
+            self.emit("resumed")
+
+
+class Engine:
+    """Base of all engines. Subclasses set `kind` and implement load/run."""
+
+    kind = ""
+
+    def __init__(self, domain: dict[str, Any], ctx: EngineContext):
+        self.domain = domain
+        self.ctx = ctx
+
+    def load(self) -> None:
+        """Load the model; raise EngineUnavailable with a reason the user can act on."""
+
+    def run(self, params: dict[str, Any], job: JobControl) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def unload(self) -> None:
+        """Free the model (idle unload); `load` is called again before the next job."""

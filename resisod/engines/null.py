@@ -1,0 +1,44 @@
+"""The `null` engine: no model. For tests and benchmarks only; never a configured default.
+
+It emits `steps` progress events with `delay_ms` between them, and can be asked to hold
+memory (`alloc_mb`), crash the worker (`crash`) or fail with a code (`fail`), so the daemon's
+supervision paths can be exercised with real processes.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from .base import Engine, JobControl, JobError
+
+
+class NullEngine(Engine):
+    kind = "null"
+
+    def load(self) -> None:
+        if self.domain.get("load_ms"):
+            time.sleep(self.domain["load_ms"] / 1000.0)
+
+    def run(self, params: dict[str, Any], job: JobControl) -> dict[str, Any]:
+        hold = None
+        if params["alloc_mb"]:
+            hold = bytearray(params["alloc_mb"] * 1024 * 1024)
+            for i in range(0, len(hold), 4096):  # touch every page so it counts in RSS
+                hold[i] = 1
+        if params["crash"]:
+            os._exit(70)
+        steps, delay = params["steps"], params["delay_ms"] / 1000.0
+        for step in range(1, steps + 1):
+            job.checkpoint()
+            if delay:
+                time.sleep(delay)
+            job.emit("progress", step=step, total=steps, progress=step / steps)
+        job.checkpoint()
+        if params["fail"]:
+            raise JobError(params["fail"], "failure requested by the job's parameters")
+        del hold
+        out: dict[str, Any] = {"steps": steps}
+        if "text" in params:
+            out["result"] = params["text"]
+        return out

@@ -1,0 +1,109 @@
+"""Kernel-level isolation of a resource domain: CPU sets, thread counts, scheduling class.
+
+The supervisor computes a layout and the environment before it starts a worker; the worker
+applies the rest to itself before it imports any model library (thread pools read their
+sizes at import time).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+              "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
+
+
+def available_cpus() -> list[int]:
+    return sorted(os.sched_getaffinity(0))
+
+
+def auto_layout(domains: dict[str, dict[str, Any]], cpus: list[int]) -> dict[str, list[int]]:
+    """CPU sets for domains whose `cpus` is empty.
+
+    Realtime domains that run on the CPU-heavy path (llm) get the first core(s); batch domains
+    get the rest; other realtime domains (tts) share the batch cores, where their normal
+    scheduling class wins over the batch domain's SCHED_IDLE. On one core everyone shares.
+    With 2 cores: llm -> [0], image -> [1], tts -> [1].
+    """
+    layout: dict[str, list[int]] = {}
+    if len(cpus) < 2:
+        return {name: list(cpus) for name in domains}
+    llm_like = [n for n, d in domains.items() if d["priority"] == "realtime" and d["kind"] == "llm"]
+    n_front = max(1, len(cpus) // 2) if len(cpus) > 2 else 1
+    front, back = cpus[:n_front], cpus[n_front:]
+    for name, d in domains.items():
+        if d["cpus"]:
+            layout[name] = list(d["cpus"])
+        elif name in llm_like:
+            layout[name] = list(front)
+        elif d["kind"] == "null":
+            layout[name] = list(cpus)
+        else:
+            layout[name] = list(back)
+    return layout
+
+
+def thread_count(domain: dict[str, Any], cpuset: list[int], cpu_threads: int) -> int:
+    if domain["threads"]:
+        return domain["threads"]
+    n = len(cpuset) or (os.cpu_count() or 1)
+    return max(1, min(n, cpu_threads) if cpu_threads else n)
+
+
+def scheduling_class(domain: dict[str, Any]) -> str:
+    return {"realtime": "normal", "normal": "normal", "batch": "idle"}[domain["priority"]]
+
+
+def worker_env(domain: dict[str, Any], threads: int, gpu_index: int | None) -> dict[str, str]:
+    env = {name: str(threads) for name in THREAD_ENV}
+    # hide GPUs a domain must not touch; set before torch is ever imported in the worker
+    env["CUDA_VISIBLE_DEVICES"] = "" if gpu_index is None else str(gpu_index)
+    env["HF_HUB_OFFLINE"] = "1"
+    env["TRANSFORMERS_OFFLINE"] = "1"
+    env["HF_DATASETS_OFFLINE"] = "1"
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    return env
+
+
+def gpu_index(device: str) -> int | None:
+    """The physical GPU a device string names; None for CPU."""
+    if device == "cpu":
+        return None
+    if device.startswith("cuda:"):
+        return int(device[5:])
+    return 0  # "cuda" and "auto" take the first GPU; a worker without one falls back to CPU
+
+
+def apply_in_worker(cpuset: list[int], sched: str) -> None:
+    """Pin and de-prioritise the calling process (the worker, before loading its engine)."""
+    if cpuset:
+        os.sched_setaffinity(0, cpuset)
+    if sched == "idle":
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        except (OSError, AttributeError):
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+        os.setpriority(os.PRIO_PROCESS, 0, 19)
+    elif sched == "batch":
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+        os.setpriority(os.PRIO_PROCESS, 0, 19)
+
+
+def describe_policy(pid: int) -> str:
+    try:
+        policy = os.sched_getscheduler(pid)
+    except OSError:
+        return "?"
+    return {os.SCHED_OTHER: "normal", os.SCHED_BATCH: "batch",
+            getattr(os, "SCHED_IDLE", -1): "idle"}.get(policy, str(policy))
+
+
+def rss_mb(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        return None
+    return None

@@ -1,0 +1,133 @@
+"""Jobs and the per-domain priority queue."""
+from __future__ import annotations
+
+import collections
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from .protocol import KIND_PREFIX, PRIORITY_ORDER, JobState
+
+_B32 = "0123456789abcdefghjkmnpqrstvwxyz"
+
+
+def new_task_id(kind: str) -> str:
+    """`<kind>_<ms timestamp><random>`: sortable by creation, unique across restarts."""
+    ms = int(time.time() * 1000)
+    n = (ms << 40) | int.from_bytes(os.urandom(5), "big")
+    chars = []
+    for _ in range(18):
+        chars.append(_B32[n & 31])
+        n >>= 5
+    return f"{KIND_PREFIX.get(kind, kind[:3])}_{''.join(reversed(chars))}"
+
+
+@dataclass(eq=False)
+class Job:
+    task_id: str
+    domain: str
+    kind: str
+    params: dict[str, Any]
+    priority: str
+    created_at: float = field(default_factory=time.time)
+    state: str = JobState.QUEUED.value
+    started_at: float | None = None
+    finished_at: float | None = None
+    deadline: float | None = None       # monotonic seconds; None = no deadline
+    attempts: int = 0                   # how many times a worker started it
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None  # {"code", "message"}
+    progress: dict[str, Any] | None = None  # the last progress event, for late watchers
+    paused: bool = False
+    worker: bytes | None = None         # identity of the worker running it
+    estimate_ms: float = 0.0
+    # (client identity, rid) -> monotonic time the client was last heard from
+    watchers: dict[tuple[bytes, Any], float] = field(default_factory=dict)
+    # (client identity, rid) of `cancel` requests waiting for the job to stop
+    cancel_waiters: list[tuple[bytes, Any]] = field(default_factory=list)
+    cancel_requested: bool = False
+    cancel_reason: str = ""             # "timeout" / "client_gone" / "shutdown": how to report it
+    detached: bool = False              # submitted without a streaming client: never auto-cancel
+    last_position: int = -1             # the queue position last told to watchers
+    seq: int = 0                        # FIFO order within a priority class
+
+    @property
+    def finished(self) -> bool:
+        return self.state in (JobState.COMPLETED.value, JobState.FAILED.value,
+                              JobState.CANCELLED.value)
+
+    def record(self) -> dict[str, Any]:
+        """The job as clients see it (seed API field names)."""
+        out: dict[str, Any] = {
+            "task_id": self.task_id, "status": self.state, "domain": self.domain,
+            "kind": self.kind, "priority": self.priority, "created_at": self.created_at,
+            "started_at": self.started_at, "finished_at": self.finished_at,
+            "attempts": self.attempts,
+        }
+        if self.progress:
+            out["progress"] = self.progress.get("progress")
+        if self.state == JobState.COMPLETED.value:
+            out["progress"] = 1.0
+        if self.result:
+            out.update(self.result)
+        if self.error:
+            out["error"] = self.error
+        if self.paused:
+            out["paused"] = True
+        return out
+
+
+class DomainQueue:
+    """Jobs waiting for a worker: realtime before normal before batch, FIFO within a class."""
+
+    def __init__(self) -> None:
+        self._classes: dict[str, collections.deque[Job]] = {
+            p: collections.deque() for p in PRIORITY_ORDER}
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._classes.values())
+
+    def __iter__(self) -> Iterator[Job]:
+        for p in PRIORITY_ORDER:
+            yield from self._classes[p]
+
+    def push(self, job: Job) -> None:
+        q = self._classes[job.priority]
+        if q and q[-1].seq > job.seq:
+            # a recovered or re-queued job goes back to its original place
+            items = sorted([*q, job], key=lambda j: j.seq)
+            q.clear()
+            q.extend(items)
+        else:
+            q.append(job)
+
+    def pop(self) -> Job | None:
+        for p in PRIORITY_ORDER:
+            if self._classes[p]:
+                return self._classes[p].popleft()
+        return None
+
+    def peek(self) -> Job | None:
+        for p in PRIORITY_ORDER:
+            if self._classes[p]:
+                return self._classes[p][0]
+        return None
+
+    def remove(self, job: Job) -> bool:
+        try:
+            self._classes[job.priority].remove(job)
+            return True
+        except ValueError:
+            return False
+
+    def position(self, job: Job) -> int:
+        n = 0
+        for j in self:
+            if j is job:
+                return n
+            n += 1
+        return -1
+
+    def depth_by_class(self) -> dict[str, int]:
+        return {p: len(q) for p, q in self._classes.items()}

@@ -1,0 +1,194 @@
+"""Worker slots: start, watch and restart the worker processes of every domain.
+
+Liveness is deadlines and counters checked from the daemon's loop, not threads: a slot is
+dead when its process exited, when it has been silent for 3 heartbeat intervals, or when its
+RSS passed the domain's memory budget.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import isolation
+from .config import gpu_share
+
+log = logging.getLogger("resisod.supervisor")
+
+
+class SlotState:
+    STARTING = "starting"   # process spawned, not heard from yet
+    LOADING = "loading"     # connected, engine loading
+    READY = "ready"         # idle, can take a job
+    BUSY = "busy"           # running a job
+    BACKOFF = "backoff"     # died; waiting before the next start
+    FAILED = "failed"       # engine could not load; retried after backoff
+    STOPPED = "stopped"
+
+
+@dataclass(eq=False)
+class Slot:
+    domain: str
+    index: int
+    cpus: list[int]
+    threads: int
+    sched: str
+    state: str = SlotState.STOPPED
+    proc: subprocess.Popen | None = None
+    generation: int = 0
+    identity: bytes = b""
+    last_seen: float = 0.0
+    started_at: float = 0.0
+    ready_since: float | None = None
+    job: Any = None                      # the Job it runs
+    crashes: int = 0                     # consecutive, reset once it stays ready a while
+    restart_at: float = 0.0
+    last_error: str = ""
+    rss_mb: float | None = None
+    kill_reason: str = ""                # why the supervisor killed it (memory_limit, hung)
+    loaded: bool = True
+    last_pid: int | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.domain}.{self.index}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+
+@dataclass
+class Supervisor:
+    cfg: dict[str, Any]
+    state_dir: str
+    endpoint: str
+    clock: Callable[[], float] = time.monotonic
+    spawn: Callable[..., subprocess.Popen] = subprocess.Popen
+    slots: list[Slot] = field(default_factory=list)
+    by_identity: dict[bytes, Slot] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        layout = isolation.auto_layout(self.cfg["domains"], isolation.available_cpus())
+        cpu_threads = self.cfg["resources"]["cpu_threads"]
+        for name, d in self.cfg["domains"].items():
+            cpus = layout[name]
+            for i in range(d["workers"]):
+                self.slots.append(Slot(domain=name, index=i, cpus=cpus,
+                                       threads=isolation.thread_count(d, cpus, cpu_threads),
+                                       sched=isolation.scheduling_class(d)))
+
+    @property
+    def heartbeat(self) -> float:
+        return self.cfg["daemon"]["heartbeat_ms"] / 1000.0
+
+    def start_all(self) -> None:
+        for slot in self.slots:
+            self.start(slot)
+
+    def start(self, slot: Slot) -> None:
+        d = self.cfg["domains"][slot.domain]
+        slot.generation += 1
+        slot.identity = f"{slot.name}#{slot.generation}".encode()
+        spec = {
+            "identity": slot.identity.decode(), "endpoint": self.endpoint,
+            "domain_name": slot.domain, "domain": d, "state_dir": self.state_dir,
+            "heartbeat_ms": self.cfg["daemon"]["heartbeat_ms"], "cpus": slot.cpus,
+            "sched": slot.sched, "threads": slot.threads, "gpu_share": gpu_share(self.cfg, d),
+        }
+        env = dict(os.environ)
+        env.update(isolation.worker_env(d, slot.threads, isolation.gpu_index(d["device"])))
+        env["RESISO_WORKER_SPEC"] = json.dumps(spec)
+        slot.proc = self.spawn([sys.executable, "-m", "resisod.worker"], env=env,
+                               stdin=subprocess.DEVNULL, start_new_session=False)
+        slot.state = SlotState.STARTING
+        slot.started_at = slot.last_seen = self.clock()
+        slot.ready_since = None
+        slot.kill_reason = ""
+        slot.rss_mb = None
+        self.by_identity = {s.identity: s for s in self.slots if s.proc}
+        log.info("worker %s started pid=%d cpus=%s threads=%d sched=%s", slot.name,
+                 slot.proc.pid, slot.cpus or "all", slot.threads, slot.sched)
+
+    def kill(self, slot: Slot, reason: str) -> None:
+        if slot.proc and slot.proc.poll() is None:
+            slot.kill_reason = slot.kill_reason or reason
+            slot.proc.kill()
+
+    def reap(self) -> list[tuple[Slot, str]]:
+        """Find dead workers; return (slot, reason) for each that died since the last call."""
+        dead = []
+        now = self.clock()
+        hb = self.heartbeat
+        for slot in self.slots:
+            if slot.proc is None:
+                continue
+            if slot.state != SlotState.FAILED and now - slot.last_seen > 3 * hb:
+                self.kill(slot, f"no heartbeat for {now - slot.last_seen:.1f}s (hung)")
+            code = slot.proc.poll()
+            if code is None:
+                continue
+            reason = slot.kill_reason or (f"exited with signal {-code}" if code < 0
+                                          else f"exited with status {code}")
+            dead.append((slot, reason))
+        return dead
+
+    def schedule_restart(self, slot: Slot, reason: str, *, load_failed: bool = False) -> float:
+        """Exponential backoff, capped; returns the delay chosen."""
+        if slot.ready_since is not None and self.clock() - slot.ready_since > 60:
+            slot.crashes = 0  # it ran fine for a while: this is not a crash loop
+        slot.crashes += 1
+        cap = self.cfg["daemon"]["restart_backoff_max_s"]
+        delay = min(cap, 0.1 * (2 ** (slot.crashes - 1)))
+        slot.restart_at = self.clock() + delay
+        slot.last_error = reason
+        slot.state = SlotState.FAILED if load_failed else SlotState.BACKOFF
+        slot.job = None
+        if slot.proc is not None:
+            slot.last_pid = slot.proc.pid
+            slot.proc = None
+        self.by_identity.pop(slot.identity, None)
+        return delay
+
+    def restart_due(self) -> None:
+        now = self.clock()
+        for slot in self.slots:
+            if slot.state in (SlotState.BACKOFF, SlotState.FAILED) and now >= slot.restart_at \
+                    and slot.proc is None:
+                self.start(slot)
+
+    def check_memory(self) -> list[Slot]:
+        """Sample RSS; kill workers over their domain's budget. Returns the slots killed."""
+        killed = []
+        for slot in self.slots:
+            if slot.proc is None or slot.proc.poll() is not None:
+                continue
+            slot.rss_mb = isolation.rss_mb(slot.proc.pid)
+            budget = self.cfg["domains"][slot.domain]["max_memory_mb"] or \
+                self.cfg["resources"]["max_memory_mb"]
+            if budget and slot.rss_mb is not None and slot.rss_mb > budget:
+                slot.kill_reason = "memory_limit"
+                self.kill(slot, "memory_limit")
+                killed.append(slot)
+        return killed
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        for slot in self.slots:
+            if slot.proc and slot.proc.poll() is None:
+                slot.proc.send_signal(signal.SIGTERM)
+        for slot in self.slots:
+            if slot.proc is None:
+                continue
+            try:
+                slot.proc.wait(max(0.01, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                slot.proc.kill()
+                slot.proc.wait()
+            slot.state = SlotState.STOPPED
