@@ -22,19 +22,22 @@ def status(as_json: bool = typer.Option(False, "--json")) -> None:
     if as_json:
         output.print_json(body)
         return
-    console = Console()
+    console = _console()
     console.print(f"resisod {st['version']} pid {st['pid']} up {st['uptime_s']:.0f}s "
                   f"socket {st['socket']}")
     table = Table("domain", "kind", "engine", "state", "queue r/n/b", "running", "done",
                   "failed", "p50 ms", "p95 ms", "preempt")
     for name, d in st["domains"].items():
         q = d["queue"]
-        state = d["state"] + (f" ({d['reason']})" if d["reason"] else "")
+        state = d["state"]
         table.add_row(name, d["kind"], d["engine"], state,
                       f"{q['realtime']}/{q['normal']}/{q['batch']}", str(d["running"]),
                       str(d["completed"]), str(d["failed"]), _ms(d["p50_ms"]), _ms(d["p95_ms"]),
                       str(d["preemptions"]))
     console.print(table)
+    for name, d in st["domains"].items():
+        if d["reason"]:
+            console.print(f"domain {name} {d['state']}: {d['reason']}", soft_wrap=True)
     workers = Table("worker", "pid", "state", "cpus", "threads", "sched", "device", "rss MB",
                     "job", "restarts", "last error")
     for d in st["domains"].values():
@@ -48,6 +51,11 @@ def status(as_json: bool = typer.Option(False, "--json")) -> None:
         for g in st["gpus"]:
             console.print(f"GPU {g['index']} {g['name']}: {g['used_mb']:.0f}/"
                           f"{g['total_mb']:.0f} MB")
+
+
+def _console() -> Console:
+    # piped output keeps whole columns instead of the 80-column default
+    return Console() if sys.stdout.isatty() else Console(width=220)
 
 
 def _ms(v: Optional[float]) -> str:
@@ -70,7 +78,7 @@ def jobs(limit: int = typer.Option(20, "--limit", "-n"),
         table.add_row(j["task_id"], j["domain"], j["status"],
                       time.strftime("%H:%M:%S", time.localtime(j["created_at"])),
                       _ms(took), (j.get("error") or {}).get("code", ""))
-    Console().print(table)
+    _console().print(table)
 
 
 def show(task_id: str, as_json: bool = typer.Option(False, "--json")) -> None:

@@ -65,10 +65,12 @@ class Job:
             "started_at": self.started_at, "finished_at": self.finished_at,
             "attempts": self.attempts,
         }
-        if self.progress:
-            out["progress"] = self.progress.get("progress")
-        if self.state == JobState.COMPLETED.value:
-            out["progress"] = 1.0
+        if self.kind in ("image", "null"):  # stepped kinds report how far they are
+            if self.progress:
+                out["progress"] = self.progress.get("progress")
+                out["step"], out["total"] = self.progress.get("step"), self.progress.get("total")
+            if self.state == JobState.COMPLETED.value:
+                out["progress"] = 1.0
         if self.result:
             out.update(self.result)
         if self.error:

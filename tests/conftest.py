@@ -5,6 +5,7 @@ if any of its worker processes outlives it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -136,8 +137,9 @@ class DaemonHandle:
         return alive
 
 
-@pytest.fixture
-def make_daemon():
+@contextlib.contextmanager
+def daemons():
+    """Start daemons with `make(config)`; all are stopped and checked for leaks at the end."""
     handles: list[DaemonHandle] = []
 
     def make(config: str, *, start: bool = True, **kw: Any) -> DaemonHandle:
@@ -154,6 +156,18 @@ def make_daemon():
     for pid in leaks:
         os.kill(pid, signal.SIGKILL)
     assert not leaks, f"worker processes outlived their daemon: {leaks}"
+
+
+@pytest.fixture
+def make_daemon():
+    with daemons() as make:
+        yield make
+
+
+@pytest.fixture(scope="module")
+def make_module_daemon():
+    with daemons() as make:
+        yield make
 
 
 NULL_CONFIG = """

@@ -72,6 +72,10 @@ class LlamaCppEngine(Engine):
                            f"context holds {n_ctx} (domains.<name>.context_size)")
         max_tokens = min(params["max_tokens"], n_ctx - len(tokens))
         greedy = params["temperature"] == 0
+        if greedy or params["seed"] is not None:
+            # reusing the cached prompt prefix evaluates the prompt in different batches,
+            # which moves logits by rounding error: a repeatable answer needs a clean context
+            self.llm.reset()
         t0 = time.perf_counter()
         stream = self.llm.create_completion(
             tokens, max_tokens=max_tokens, temperature=params["temperature"],
