@@ -273,7 +273,7 @@ class Daemon:
         self.jobs[job.task_id] = job
         self.active.add(job)
         domain.queue.push(job)
-        position = domain.queue.position(job)
+        position = self.position(job)
         job.last_position = position
         self.send(ident, event(Event.ACCEPTED.value, rid, task_id=job.task_id,
                                status=JobState.QUEUED.value, position=position,
@@ -282,6 +282,12 @@ class Daemon:
         log.info("job %s accepted domain=%s priority=%s position=%d", job.task_id,
                  domain.name, priority, position)
         log.debug("job %s params %r", job.task_id, p)
+
+    def position(self, job: Job) -> int:
+        """How many jobs must finish before this one starts (0 = it starts next)."""
+        domain = self.domains[job.domain]
+        ahead = domain.queue.position(job) + len(domain.running)
+        return max(0, ahead - domain.cfg["workers"] + 1)
 
     def wait_estimate(self, job: Job, now: float) -> float:
         domain = self.domains[job.domain]
@@ -304,7 +310,7 @@ class Daemon:
         self.watch_index[(ident, rid)] = job
         if job.state == JobState.QUEUED.value:
             self.send(ident, event(Event.QUEUED.value, rid, task_id=job.task_id,
-                                   position=self.domains[job.domain].queue.position(job),
+                                   position=self.position(job),
                                    estimated_time_ms=round(self.wait_estimate(job, now))))
         else:
             self.send(ident, event(Event.STARTED.value, rid, task_id=job.task_id,
@@ -500,7 +506,7 @@ class Daemon:
         job.state, job.worker, job.progress, job.paused = JobState.QUEUED.value, None, None, False
         job.cancel_requested, job.cancel_reason = False, ""
         domain.queue.push(job)
-        job.last_position = domain.queue.position(job)
+        job.last_position = self.position(job)
         for ident, rid in job.watchers:
             self.send(ident, event(Event.QUEUED.value, rid, task_id=job.task_id,
                                    position=job.last_position, reason=why, retry=True))
@@ -640,13 +646,16 @@ class Daemon:
 
     def send_positions(self, now: float) -> None:
         for domain in self.domains.values():
-            for position, job in enumerate(domain.queue):
-                if job.watchers and position != job.last_position:
-                    job.last_position = position
-                    est = round(self.wait_estimate(job, now))
-                    for ident, rid in job.watchers:
-                        self.send(ident, event(Event.QUEUED.value, rid, task_id=job.task_id,
-                                               position=position, estimated_time_ms=est))
+            base = len(domain.running) - domain.cfg["workers"] + 1
+            for index, job in enumerate(domain.queue):
+                position = max(0, index + base)
+                if not job.watchers or position == job.last_position:
+                    continue
+                job.last_position = position
+                est = round(self.wait_estimate(job, now))
+                for ident, rid in job.watchers:
+                    self.send(ident, event(Event.QUEUED.value, rid, task_id=job.task_id,
+                                           position=position, estimated_time_ms=est))
 
 
 def served_names(domain_cfg: dict[str, Any]) -> list[str]:

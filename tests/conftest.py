@@ -61,13 +61,13 @@ class DaemonHandle:
         self.proc: subprocess.Popen | None = None
         self.worker_pids: set[int] = set()
 
-    def start(self, *, wait_ready: bool = True, timeout: float = 60.0) -> "DaemonHandle":
+    def start(self, *, wait_ready: bool = True, timeout: float = 180.0) -> "DaemonHandle":
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "resisod", "--config", self.config_path,
              "--socket", self.socket, "--state-dir", self.state_dir],
             env=self.env, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
-        wait_for(lambda: self.proc.poll() is not None or self._answers(), timeout,
+        wait_for(lambda: self.proc.poll() is not None or self._answers(), 30,
                  what="daemon socket")
         if self.proc.poll() is not None:
             raise AssertionError(f"resisod exited {self.proc.returncode}:\n{self.read_log()}")
