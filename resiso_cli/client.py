@@ -97,48 +97,51 @@ class Client:
                 raise DaemonUnreachable(self.path, "the daemon went away")
             if time.monotonic() >= deadline:
                 raise DaemonUnreachable(self.path, f"no answer to {op!r} in {self.timeout:.0f}s")
-        if ev.get("event") == Event.ERROR.value:
+        if ev.get("event") == Event.ERROR:
             raise Rejected(ev)
         return ev
 
     # --- ops ---------------------------------------------------------------------------------
     def ping(self) -> dict[str, Any]:
-        return self.call(Op.PING.value)
+        return self.call(Op.PING)
 
     def status(self) -> dict[str, Any]:
-        return self.call(Op.STATUS.value)
+        return self.call(Op.STATUS)
 
     def jobs(self, *, limit: int = 20, state: str | None = None) -> list[dict[str, Any]]:
         fields: dict[str, Any] = {"limit": limit}
         if state:
             fields["state"] = state
-        return self.call(Op.JOBS.value, **fields)["jobs"]
+        return self.call(Op.JOBS, **fields)["jobs"]
 
     def get(self, task_id: str, *, data: bool = False) -> dict[str, Any]:
-        return self.call(Op.GET.value, task_id=task_id, data=data)
+        return self.call(Op.GET, task_id=task_id, data=data)
 
     def cancel(self, task_id: str) -> dict[str, Any]:
-        return self.call(Op.CANCEL.value, task_id=task_id)
+        return self.call(Op.CANCEL, task_id=task_id)
 
     def submit(self, kind: str, params: dict[str, Any], *, domain: str | None = None,
                priority: str | None = None, timeout_ms: int | None = None,
-               stream: bool = True) -> "JobStream":
+               stream: bool = True, partials: bool = True) -> "JobStream":
         """Submit a job. Raises Rejected if the daemon refuses it; otherwise the returned
         stream's `accepted` holds the task id, queue position and estimate. With
-        stream=False the job is detached: iterate nothing, `watch` it later."""
+        stream=False the job is detached: iterate nothing, `watch` it later. With
+        partials=False only `accepted` and the final event arrive."""
         fields: dict[str, Any] = {"kind": kind, "params": params, "stream": stream}
+        if not partials:
+            fields["partials"] = False
         if domain:
             fields["domain"] = domain
         if priority:
             fields["priority"] = priority
         if timeout_ms is not None:
             fields["timeout_ms"] = timeout_ms
-        rid = self.send(Op.SUBMIT.value, **fields)
-        return JobStream(self, rid, Op.SUBMIT.value)
+        rid = self.send(Op.SUBMIT, **fields)
+        return JobStream(self, rid, Op.SUBMIT)
 
     def watch(self, task_id: str) -> "JobStream":
-        rid = self.send(Op.WATCH.value, task_id=task_id)
-        return JobStream(self, rid, Op.WATCH.value)
+        rid = self.send(Op.WATCH, task_id=task_id)
+        return JobStream(self, rid, Op.WATCH)
 
 
 class JobStream:
@@ -152,7 +155,7 @@ class JobStream:
         self.alive_s = 0.5
         self._pending: collections.deque = collections.deque()
         first = self._next(client.timeout)
-        if first["event"] == Event.ERROR.value and "task_id" not in first:
+        if first["event"] == Event.ERROR and "task_id" not in first:
             raise Rejected(first)  # refused before it became a job
         self.task_id = first.get("task_id")
         self.accepted = first
@@ -167,7 +170,7 @@ class JobStream:
             ev = self.client.recv(self.rid, timeout=self.alive_s)
             if ev is not None:
                 return ev
-            self.client.send(Op.ALIVE.value, rids=[self.rid])
+            self.client.send(Op.ALIVE, rids=[self.rid])
             now = time.monotonic()
             if now - silent_since > 3.0:
                 if not _answers(self.client.path):

@@ -17,12 +17,12 @@ from typing import Any, Callable
 
 import zmq
 
-from . import __version__, params as job_params
+from . import __version__, logsetup, params as job_params
 from .domains import Domain
 from .jobs import Job, new_task_id
 from .paths import SocketClaim
-from .protocol import (HARD_FRAME_LIMIT, PRIORITY_ORDER, Code, Event, JobState, Op,
-                       ProtocolError, WorkerMsg, check_request, error, event, field, pack,
+from .protocol import (HARD_FRAME_LIMIT, HEARTBEAT_SUFFIX, PRIORITY_ORDER, Code, Event,
+                       JobState, Op, ProtocolError, WorkerMsg, check_request, error, event, field, pack,
                        unpack)
 from .supervisor import SlotState, Supervisor
 
@@ -55,10 +55,10 @@ class Daemon:
         self.next_tick = 0.0
         self.next_positions = 0.0
         self.next_heartbeat = 0.0
-        self.ops = {Op.SUBMIT.value: self.op_submit, Op.WATCH.value: self.op_watch,
-                    Op.CANCEL.value: self.op_cancel, Op.GET.value: self.op_get,
-                    Op.STATUS.value: self.op_status, Op.JOBS.value: self.op_jobs,
-                    Op.PING.value: self.op_ping, Op.ALIVE.value: self.op_alive}
+        self.ops = {Op.SUBMIT: self.op_submit, Op.WATCH: self.op_watch,
+                    Op.CANCEL: self.op_cancel, Op.GET: self.op_get,
+                    Op.STATUS: self.op_status, Op.JOBS: self.op_jobs,
+                    Op.PING: self.op_ping, Op.ALIVE: self.op_alive}
 
     # --- lifecycle ---------------------------------------------------------------------------
     def open(self) -> None:
@@ -92,7 +92,7 @@ class Daemon:
             self.stopping = True
             self.stop_deadline = self.clock() + self.cfg["daemon"]["shutdown_grace_s"]
             for job in list(self.active):
-                if job.state == JobState.RUNNING.value and \
+                if job.state == JobState.RUNNING and \
                         self.domains[job.domain].cfg["priority"] == "batch":
                     self.cancel_running(job, "shutdown")
 
@@ -117,13 +117,15 @@ class Daemon:
             if now >= self.next_tick:
                 self.tick(now)
                 self.next_tick = now + TICK_S
+            logsetup.flush()
             if self.stopping and self.drained(now):
                 break
         self.close()
+        logsetup.flush()
         return 0
 
     def drained(self, now: float) -> bool:
-        running = [j for j in self.active if j.state == JobState.RUNNING.value]
+        running = [j for j in self.active if j.state == JobState.RUNNING]
         if not running:
             return True
         if now >= self.stop_deadline:
@@ -142,7 +144,7 @@ class Daemon:
         for slot in self.supervisor.slots:
             if slot.identity:
                 self.workers.send_multipart([slot.identity,
-                                             pack({"op": WorkerMsg.SHUTDOWN.value})])
+                                             pack({"op": WorkerMsg.SHUTDOWN})])
         self.supervisor.shutdown()
         self.client.close(0)
         self.workers.close(0)
@@ -153,10 +155,9 @@ class Daemon:
     # --- routing -----------------------------------------------------------------------------
     def drain(self, sock: zmq.Socket, handle: Callable[[bytes, list[bytes]], None]) -> None:
         for _ in range(DRAIN_BATCH):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
+            if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 return
+            frames = sock.recv_multipart(zmq.NOBLOCK)
             handle(frames[0], frames[1:])
 
     def send(self, ident: bytes, msg: dict[str, Any]) -> None:
@@ -189,15 +190,15 @@ class Daemon:
         slot.last_seen = self.clock()
         op = msg.get("op")
         domain = self.domains[slot.domain]
-        if op == WorkerMsg.HEARTBEAT.value:
+        if op == WorkerMsg.HEARTBEAT:
             return
-        if op == WorkerMsg.PARTIAL.value:
+        if op == WorkerMsg.PARTIAL:
             self.on_partial(slot, msg)
-        elif op in (WorkerMsg.DONE.value, WorkerMsg.FAILED.value):
+        elif op in (WorkerMsg.DONE, WorkerMsg.FAILED):
             self.on_job_end(slot, msg)
-        elif op == WorkerMsg.HELLO.value:
+        elif op == WorkerMsg.HELLO:
             slot.state = SlotState.LOADING
-        elif op == WorkerMsg.READY.value:
+        elif op == WorkerMsg.READY:
             slot.state = SlotState.READY
             slot.ready_since = self.clock()
             slot.loaded = True
@@ -205,12 +206,12 @@ class Daemon:
                 log.info("domain %s recovered", domain.name)
             domain.unavailable_reason = ""
             log.info("worker %s ready (load %.0f ms)", slot.name, msg.get("load_ms", 0))
-        elif op == WorkerMsg.LOAD_FAILED.value:
+        elif op == WorkerMsg.LOAD_FAILED:
             slot.state = SlotState.FAILED
             slot.last_error = str(msg.get("reason", "engine failed to load"))
             log.error("worker %s failed to load its engine: %s", slot.name, slot.last_error)
             self.check_domain_health(domain)
-        elif op == WorkerMsg.UNLOADED.value:
+        elif op == WorkerMsg.UNLOADED:
             slot.loaded = False
 
     # --- client ops --------------------------------------------------------------------------
@@ -256,6 +257,8 @@ class Daemon:
         if timeout_ms is not None and timeout_ms < 0:
             raise ProtocolError(Code.BAD_REQUEST, "'timeout_ms' must be >= 0")
         stream = field(msg, "stream", bool, default=True)
+        # partials=false: a streaming client that wants only `accepted` and the final event
+        partials = field(msg, "partials", bool, default=True)
         if len(domain.queue) >= domain.cfg["max_queue"]:
             raise ProtocolError(Code.QUEUE_FULL, f"domain {domain.name!r} has "
                                 f"{len(domain.queue)} jobs queued (max_queue); retry later")
@@ -270,13 +273,16 @@ class Daemon:
         if stream:
             job.watchers[(ident, rid)] = now
             self.watch_index[(ident, rid)] = job
+            if not partials:
+                job.final_only.add((ident, rid))
+        job.estimate_ms = domain.estimate(job)
         self.jobs[job.task_id] = job
         self.active.add(job)
         domain.queue.push(job)
         position = self.position(job)
         job.last_position = position
-        self.send(ident, event(Event.ACCEPTED.value, rid, task_id=job.task_id,
-                               status=JobState.QUEUED.value, position=position,
+        self.send(ident, event(Event.ACCEPTED, rid, task_id=job.task_id,
+                               status=JobState.QUEUED, position=position,
                                estimated_time_ms=round(self.wait_estimate(job, now)),
                                alive_ms=round(self.hb * 1000)))
         log.info("job %s accepted domain=%s priority=%s position=%d", job.task_id,
@@ -308,28 +314,28 @@ class Daemon:
         now = self.clock()
         job.watchers[(ident, rid)] = now
         self.watch_index[(ident, rid)] = job
-        if job.state == JobState.QUEUED.value:
-            self.send(ident, event(Event.QUEUED.value, rid, task_id=job.task_id,
+        if job.state == JobState.QUEUED:
+            self.send(ident, event(Event.QUEUED, rid, task_id=job.task_id,
                                    position=self.position(job),
                                    estimated_time_ms=round(self.wait_estimate(job, now))))
         else:
-            self.send(ident, event(Event.STARTED.value, rid, task_id=job.task_id,
+            self.send(ident, event(Event.STARTED, rid, task_id=job.task_id,
                                    attempt=job.attempts))
             if job.progress:
-                self.send(ident, event(Event.PROGRESS.value, rid, task_id=job.task_id,
+                self.send(ident, event(Event.PROGRESS, rid, task_id=job.task_id,
                                        **job.progress))
             if job.paused:
-                self.send(ident, event(Event.PAUSED.value, rid, task_id=job.task_id))
+                self.send(ident, event(Event.PAUSED, rid, task_id=job.task_id))
 
     def op_cancel(self, ident: bytes, rid: Any, msg: dict[str, Any]) -> None:
         job = self.lookup(msg)
         if job.finished:
-            self.send(ident, event(Event.RESULT.value, rid, task_id=job.task_id,
+            self.send(ident, event(Event.RESULT, rid, task_id=job.task_id,
                                    status=job.state, cancelled=False))
-        elif job.state == JobState.QUEUED.value:
+        elif job.state == JobState.QUEUED:
             self.domains[job.domain].queue.remove(job)
-            self.finish(job, JobState.CANCELLED.value)
-            self.send(ident, event(Event.RESULT.value, rid, task_id=job.task_id,
+            self.finish(job, JobState.CANCELLED)
+            self.send(ident, event(Event.RESULT, rid, task_id=job.task_id,
                                    status=job.state, cancelled=True))
         else:
             job.cancel_waiters.append((ident, rid))
@@ -338,7 +344,7 @@ class Daemon:
     def op_get(self, ident: bytes, rid: Any, msg: dict[str, Any]) -> None:
         job = self.lookup(msg)
         out = job.record()
-        if field(msg, "data", bool, default=False) and job.state == JobState.COMPLETED.value:
+        if field(msg, "data", bool, default=False) and job.state == JobState.COMPLETED:
             path = out.get("image_path") or out.get("audio_path")
             if path:
                 try:
@@ -347,7 +353,7 @@ class Daemon:
                 except OSError as exc:
                     raise ProtocolError(Code.NOT_FOUND, f"the result file of {job.task_id} is "
                                         f"gone: {exc.strerror}")
-        self.send(ident, event(Event.RESULT.value, rid, **out))
+        self.send(ident, event(Event.RESULT, rid, **out))
 
     def op_jobs(self, ident: bytes, rid: Any, msg: dict[str, Any]) -> None:
         limit = field(msg, "limit", int, default=20)
@@ -358,10 +364,10 @@ class Daemon:
                 picked.append(job.record())
                 if len(picked) >= max(1, min(limit, 1000)):
                     break
-        self.send(ident, event(Event.RESULT.value, rid, jobs=picked))
+        self.send(ident, event(Event.RESULT, rid, jobs=picked))
 
     def op_ping(self, ident: bytes, rid: Any, msg: dict[str, Any]) -> None:
-        self.send(ident, event(Event.RESULT.value, rid, pong=True, version=__version__,
+        self.send(ident, event(Event.RESULT, rid, pong=True, version=__version__,
                                pid=os.getpid()))
 
     def op_alive(self, ident: bytes, rid: Any, msg: dict[str, Any]) -> None:
@@ -373,7 +379,7 @@ class Daemon:
                 job.watchers[(ident, r)] = now
 
     def op_status(self, ident: bytes, rid: Any, msg: dict[str, Any]) -> None:
-        self.send(ident, event(Event.RESULT.value, rid, **self.status()))
+        self.send(ident, event(Event.RESULT, rid, **self.status()))
 
     def status(self) -> dict[str, Any]:
         domains = {}
@@ -419,16 +425,16 @@ class Daemon:
                 continue
             now = self.clock()
             slot.state, slot.job = SlotState.BUSY, job
-            job.state, job.worker = JobState.RUNNING.value, slot.identity
+            job.state, job.worker = JobState.RUNNING, slot.identity
             job.started_at = time.time()
             job.attempts += 1
             job.progress = None
             domain.running.add(job)
             self.workers.send_multipart([slot.identity, pack({
-                "op": WorkerMsg.RUN.value, "task_id": job.task_id, "params": job.params,
+                "op": WorkerMsg.RUN, "task_id": job.task_id, "params": job.params,
                 "attempt": job.attempts})])
-            for ident, rid in job.watchers:
-                self.send(ident, event(Event.STARTED.value, rid, task_id=job.task_id,
+            for ident, rid in job.streaming_watchers():
+                self.send(ident, event(Event.STARTED, rid, task_id=job.task_id,
                                        attempt=job.attempts, worker=slot.name))
             job._dispatched = now  # type: ignore[attr-defined]
             log.info("job %s started worker=%s attempt=%d", job.task_id, slot.name, job.attempts)
@@ -440,7 +446,7 @@ class Daemon:
         name = msg.get("event")
         fields = {k: v for k, v in msg.items() if k not in ("op", "task_id", "event")}
         domain = self.domains[job.domain]
-        if name == Event.PROGRESS.value:
+        if name == Event.PROGRESS:
             now = self.clock()
             last = getattr(job, "_last_step", None)
             step_start = last if last is not None else job._dispatched  # type: ignore
@@ -451,11 +457,11 @@ class Daemon:
             left = max(0, fields.get("total", 0) - fields.get("step", 0))
             fields["estimated_time_remaining_ms"] = round(est * left)
             job.progress = fields
-        elif name == Event.PAUSED.value:
+        elif name == Event.PAUSED:
             job.paused = True
-        elif name == Event.RESUMED.value:
+        elif name == Event.RESUMED:
             job.paused = False
-        for ident, rid in job.watchers:
+        for ident, rid in job.streaming_watchers():
             self.send(ident, event(name, rid, task_id=job.task_id, **fields))
 
     def on_job_end(self, slot: Any, msg: dict[str, Any]) -> None:
@@ -465,31 +471,31 @@ class Daemon:
             slot.state = SlotState.READY
         if job is None or job.task_id != msg.get("task_id"):
             return
-        if msg["op"] == WorkerMsg.DONE.value:
+        if msg["op"] == WorkerMsg.DONE:
             result = dict(msg.get("result") or {})
             result.setdefault("generation_time_ms",
                               round((time.time() - job.started_at) * 1000, 1))
-            self.finish(job, JobState.COMPLETED.value, result=result)
-        elif msg.get("code") == Code.CANCELLED.value:
+            self.finish(job, JobState.COMPLETED, result=result)
+        elif msg.get("code") == Code.CANCELLED:
             self.end_cancelled(job)
         else:
-            self.finish(job, JobState.FAILED.value,
-                        error={"code": msg.get("code", Code.ENGINE_ERROR.value),
+            self.finish(job, JobState.FAILED,
+                        error={"code": msg.get("code", Code.ENGINE_ERROR),
                                "message": msg.get("message", "")})
 
     def end_cancelled(self, job: Job) -> None:
         reason = job.cancel_reason
         if reason == "timeout":
-            self.finish(job, JobState.FAILED.value, error={
-                "code": Code.TIMEOUT.value, "message": "the job ran past its deadline"})
+            self.finish(job, JobState.FAILED, error={
+                "code": Code.TIMEOUT, "message": "the job ran past its deadline"})
         elif reason == "shutdown" and self.domains[job.domain].cfg["priority"] == "batch":
             self.requeue(job, "resisod is shutting down")
         elif reason == "shutdown":
-            self.finish(job, JobState.FAILED.value, error={
-                "code": Code.INTERRUPTED.value,
+            self.finish(job, JobState.FAILED, error={
+                "code": Code.INTERRUPTED,
                 "message": "resisod shut down before the job finished"})
         else:
-            self.finish(job, JobState.CANCELLED.value)
+            self.finish(job, JobState.CANCELLED)
 
     def cancel_running(self, job: Job, reason: str) -> None:
         if job.cancel_requested:
@@ -497,18 +503,18 @@ class Daemon:
         job.cancel_requested = True
         job.cancel_reason = reason
         if job.worker:
-            self.workers.send_multipart([job.worker, pack({"op": WorkerMsg.CANCEL.value,
+            self.workers.send_multipart([job.worker, pack({"op": WorkerMsg.CANCEL,
                                                            "task_id": job.task_id})])
 
     def requeue(self, job: Job, why: str) -> None:
         domain = self.domains[job.domain]
         domain.running.discard(job)
-        job.state, job.worker, job.progress, job.paused = JobState.QUEUED.value, None, None, False
+        job.state, job.worker, job.progress, job.paused = JobState.QUEUED, None, None, False
         job.cancel_requested, job.cancel_reason = False, ""
         domain.queue.push(job)
         job.last_position = self.position(job)
-        for ident, rid in job.watchers:
-            self.send(ident, event(Event.QUEUED.value, rid, task_id=job.task_id,
+        for ident, rid in job.streaming_watchers():
+            self.send(ident, event(Event.QUEUED, rid, task_id=job.task_id,
                                    position=job.last_position, reason=why, retry=True))
         log.warning("job %s re-queued: %s", job.task_id, why)
 
@@ -519,10 +525,10 @@ class Daemon:
         job.result, job.error, job.paused = result, error, False
         domain.running.discard(job)
         self.active.discard(job)
-        if state == JobState.COMPLETED.value:
+        if state == JobState.COMPLETED:
             domain.completed += 1
             domain.learn(job, (job.finished_at - job.started_at) * 1000)
-        elif state == JobState.FAILED.value:
+        elif state == JobState.FAILED:
             domain.failed += 1
         else:
             domain.cancelled += 1
@@ -530,9 +536,10 @@ class Daemon:
             self.send(key[0], self.final_event(job, key[1]))
             self.watch_index.pop(key, None)
         job.watchers.clear()
+        job.final_only.clear()
         for ident, rid in job.cancel_waiters:
-            self.send(ident, event(Event.RESULT.value, rid, task_id=job.task_id,
-                                   status=job.state, cancelled=state == JobState.CANCELLED.value))
+            self.send(ident, event(Event.RESULT, rid, task_id=job.task_id,
+                                   status=job.state, cancelled=state == JobState.CANCELLED))
         job.cancel_waiters.clear()
         self.finished_order.append(job.task_id)
         while len(self.finished_order) > MAX_FINISHED_IN_MEMORY:
@@ -544,11 +551,11 @@ class Daemon:
             log.info("job %s %s total_ms=%.0f", job.task_id, state, took)
 
     def final_event(self, job: Job, rid: Any) -> dict[str, Any]:
-        if job.state == JobState.COMPLETED.value:
-            return event(Event.RESULT.value, rid, **job.record())
-        if job.state == JobState.CANCELLED.value:
-            return event(Event.CANCELLED.value, rid, task_id=job.task_id, status=job.state)
-        err = job.error or {"code": Code.ENGINE_ERROR.value, "message": "failed"}
+        if job.state == JobState.COMPLETED:
+            return event(Event.RESULT, rid, **job.record())
+        if job.state == JobState.CANCELLED:
+            return event(Event.CANCELLED, rid, task_id=job.task_id, status=job.state)
+        err = job.error or {"code": Code.ENGINE_ERROR, "message": "failed"}
         return error(rid, err["code"], err["message"], task_id=job.task_id, status=job.state)
 
     # --- periodic work -----------------------------------------------------------------------
@@ -561,10 +568,10 @@ class Daemon:
             self.send_positions(now)
             self.next_positions = now + POSITION_UPDATE_S
         if now >= self.next_heartbeat:
+            beat = pack({"op": WorkerMsg.HEARTBEAT})
             for slot in self.supervisor.slots:
-                if slot.proc is not None and slot.state != SlotState.STARTING:
-                    self.workers.send_multipart([slot.identity,
-                                                 pack({"op": WorkerMsg.HEARTBEAT.value})])
+                if slot.proc is not None:
+                    self.workers.send_multipart([slot.identity + HEARTBEAT_SUFFIX, beat])
             self.supervisor.check_memory()
             self.next_heartbeat = now + self.hb
 
@@ -581,8 +588,8 @@ class Daemon:
                 if memory:
                     budget = self.cfg["domains"][job.domain]["max_memory_mb"] or \
                         self.cfg["resources"]["max_memory_mb"]
-                    self.finish(job, JobState.FAILED.value, error={
-                        "code": Code.MEMORY_LIMIT.value, "message":
+                    self.finish(job, JobState.FAILED, error={
+                        "code": Code.MEMORY_LIMIT, "message":
                             f"the worker passed its memory budget of {budget} MB and was "
                             f"restarted"})
                 elif job.cancel_requested:
@@ -590,8 +597,8 @@ class Daemon:
                 elif job.attempts < 2 and not self.stopping:
                     self.requeue(job, f"worker {slot.name} died ({reason}); retrying once")
                 else:
-                    self.finish(job, JobState.FAILED.value, error={
-                        "code": Code.WORKER_CRASHED.value,
+                    self.finish(job, JobState.FAILED, error={
+                        "code": Code.WORKER_CRASHED,
                         "message": f"the worker running this job died ({reason})"})
             self.check_domain_health(self.domains[slot.domain])
 
@@ -610,18 +617,18 @@ class Daemon:
             log.error("domain %s unavailable: %s", domain.name, reason)
         domain.unavailable_reason = reason
         while (job := domain.queue.pop()) is not None:
-            self.finish(job, JobState.FAILED.value, error={
-                "code": Code.ENGINE_UNAVAILABLE.value,
+            self.finish(job, JobState.FAILED, error={
+                "code": Code.ENGINE_UNAVAILABLE,
                 "message": f"domain {domain.name!r} cannot run jobs: {reason}"})
 
     def enforce_deadlines(self, now: float) -> None:
         for job in list(self.active):
             if job.deadline is None or now < job.deadline:
                 continue
-            if job.state == JobState.QUEUED.value:
+            if job.state == JobState.QUEUED:
                 self.domains[job.domain].queue.remove(job)
-                self.finish(job, JobState.FAILED.value, error={
-                    "code": Code.TIMEOUT.value,
+                self.finish(job, JobState.FAILED, error={
+                    "code": Code.TIMEOUT,
                     "message": "the job waited in the queue past its deadline"})
             elif not job.cancel_requested:
                 self.cancel_running(job, "timeout")
@@ -635,12 +642,13 @@ class Daemon:
             gone = [k for k, seen in job.watchers.items() if now - seen > limit]
             for key in gone:
                 del job.watchers[key]
+                job.final_only.discard(key)
                 self.watch_index.pop(key, None)
             if gone and not job.watchers and job.kind in ("llm", "tts", "null"):
                 log.info("job %s: its client is gone; cancelling", job.task_id)
-                if job.state == JobState.QUEUED.value:
+                if job.state == JobState.QUEUED:
                     self.domains[job.domain].queue.remove(job)
-                    self.finish(job, JobState.CANCELLED.value)
+                    self.finish(job, JobState.CANCELLED)
                 else:
                     self.cancel_running(job, "client_gone")
 
@@ -653,8 +661,8 @@ class Daemon:
                     continue
                 job.last_position = position
                 est = round(self.wait_estimate(job, now))
-                for ident, rid in job.watchers:
-                    self.send(ident, event(Event.QUEUED.value, rid, task_id=job.task_id,
+                for ident, rid in job.streaming_watchers():
+                    self.send(ident, event(Event.QUEUED, rid, task_id=job.task_id,
                                            position=position, estimated_time_ms=est))
 
 

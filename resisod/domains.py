@@ -74,7 +74,7 @@ class Domain:
         for j in self.queue:
             if j is job:
                 break
-            ahead += self.estimate(j)
+            ahead += j.estimate_ms
         return ahead / max(1, workers) + self.estimate(job)
 
     def stats(self) -> dict[str, Any]:

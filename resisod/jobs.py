@@ -31,7 +31,7 @@ class Job:
     params: dict[str, Any]
     priority: str
     created_at: float = field(default_factory=time.time)
-    state: str = JobState.QUEUED.value
+    state: str = JobState.QUEUED
     started_at: float | None = None
     finished_at: float | None = None
     deadline: float | None = None       # monotonic seconds; None = no deadline
@@ -46,16 +46,24 @@ class Job:
     watchers: dict[tuple[bytes, Any], float] = field(default_factory=dict)
     # (client identity, rid) of `cancel` requests waiting for the job to stop
     cancel_waiters: list[tuple[bytes, Any]] = field(default_factory=list)
+    # watchers that asked for the final event only (non-streaming clients)
+    final_only: set[tuple[bytes, Any]] = field(default_factory=set)
     cancel_requested: bool = False
     cancel_reason: str = ""             # "timeout" / "client_gone" / "shutdown": how to report it
     detached: bool = False              # submitted without a streaming client: never auto-cancel
     last_position: int = -1             # the queue position last told to watchers
     seq: int = 0                        # FIFO order within a priority class
 
+    def streaming_watchers(self) -> Any:
+        """Watchers that want partial events (tokens, progress, audio, positions)."""
+        if not self.final_only:
+            return self.watchers
+        return [k for k in self.watchers if k not in self.final_only]
+
     @property
     def finished(self) -> bool:
-        return self.state in (JobState.COMPLETED.value, JobState.FAILED.value,
-                              JobState.CANCELLED.value)
+        return self.state in (JobState.COMPLETED, JobState.FAILED,
+                              JobState.CANCELLED)
 
     def record(self) -> dict[str, Any]:
         """The job as clients see it (seed API field names)."""
@@ -69,7 +77,7 @@ class Job:
             if self.progress:
                 out["progress"] = self.progress.get("progress")
                 out["step"], out["total"] = self.progress.get("step"), self.progress.get("total")
-            if self.state == JobState.COMPLETED.value:
+            if self.state == JobState.COMPLETED:
                 out["progress"] = 1.0
         if self.result:
             out.update(self.result)

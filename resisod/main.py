@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(cfg, sys.stdout, indent=2)
         print()
         return 0
-    logsetup.configure(cfg["logging"])
+    logsetup.configure(cfg["logging"], batched=True)
     from .daemon import Daemon
     daemon = Daemon(cfg, socket_path=socket_path, state_dir=state_dir)
     try:

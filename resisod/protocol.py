@@ -9,7 +9,6 @@ flight. A job streams zero or more PARTIAL events, then exactly one FINAL event.
 """
 from __future__ import annotations
 
-import enum
 from typing import Any
 
 import msgpack
@@ -23,7 +22,7 @@ HARD_FRAME_LIMIT = 64 * 1024 * 1024
 MAX_REQUEST_BYTES = 1024 * 1024
 
 
-class Op(str, enum.Enum):
+class Op:
     # client -> daemon
     SUBMIT = "submit"
     WATCH = "watch"
@@ -36,10 +35,14 @@ class Op(str, enum.Enum):
     ALIVE = "alive"
 
 
-CLIENT_OPS = frozenset(op.value for op in Op)
+def _values(cls: type) -> frozenset[str]:
+    return frozenset(v for k, v in vars(cls).items() if k.isupper() and isinstance(v, str))
 
 
-class Event(str, enum.Enum):
+CLIENT_OPS = _values(Op)
+
+
+class Event:
     ACCEPTED = "accepted"
     QUEUED = "queued"
     STARTED = "started"
@@ -54,10 +57,10 @@ class Event(str, enum.Enum):
     CANCELLED = "cancelled"
 
 
-FINAL_EVENTS = frozenset({Event.RESULT.value, Event.ERROR.value, Event.CANCELLED.value})
+FINAL_EVENTS = frozenset({Event.RESULT, Event.ERROR, Event.CANCELLED})
 
 
-class WorkerMsg(str, enum.Enum):
+class WorkerMsg:
     # worker -> daemon
     HELLO = "hello"          # connected, engine loading
     READY = "ready"          # engine loaded, capacity free
@@ -75,8 +78,13 @@ class WorkerMsg(str, enum.Enum):
     SHUTDOWN = "shutdown"
 
 
-class Code(str, enum.Enum):
+# a worker's heartbeat socket has its job socket's identity plus this suffix
+HEARTBEAT_SUFFIX = b"/hb"
+
+
+class Code:
     """Stable error codes. Clients and scripts may match on these strings."""
+
 
     BAD_REQUEST = "bad_request"
     UNKNOWN_OP = "unknown_op"
@@ -95,16 +103,16 @@ class Code(str, enum.Enum):
     ENGINE_ERROR = "engine_error"
 
 
-class Priority(str, enum.Enum):
+class Priority:
     REALTIME = "realtime"
     NORMAL = "normal"
     BATCH = "batch"
 
 
-PRIORITY_ORDER = (Priority.REALTIME.value, Priority.NORMAL.value, Priority.BATCH.value)
+PRIORITY_ORDER = (Priority.REALTIME, Priority.NORMAL, Priority.BATCH)
 
 
-class JobState(str, enum.Enum):
+class JobState:
     QUEUED = "queued"        # accepted, waiting for a worker
     RUNNING = "running"      # a worker has it (possibly paused by preemption)
     # finished states come last; nothing leaves them
@@ -113,8 +121,8 @@ class JobState(str, enum.Enum):
     CANCELLED = "cancelled"
 
 
-FINISHED_STATES = frozenset({JobState.COMPLETED.value, JobState.FAILED.value,
-                             JobState.CANCELLED.value})
+FINISHED_STATES = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED})
+CODES = _values(Code)
 
 KIND_PREFIX = {"llm": "llm", "tts": "tts", "image": "img", "null": "nul"}
 
@@ -157,8 +165,8 @@ def event(name: str, rid: Any, **fields: Any) -> dict[str, Any]:
     return {"v": VERSION, "event": name, "rid": rid, **fields}
 
 
-def error(rid: Any, code: Code | str, message: str, **fields: Any) -> dict[str, Any]:
-    return event(Event.ERROR.value, rid, code=Code(code).value, message=message, **fields)
+def error(rid: Any, code: str, message: str, **fields: Any) -> dict[str, Any]:
+    return event(Event.ERROR, rid, code=code, message=message, **fields)
 
 
 def check_request(msg: dict[str, Any]) -> tuple[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from . import isolation
 from .config import gpu_share
+from .protocol import HEARTBEAT_SUFFIX
 
 log = logging.getLogger("resisod.supervisor")
 
@@ -112,7 +113,8 @@ class Supervisor:
         slot.ready_since = None
         slot.kill_reason = ""
         slot.rss_mb = None
-        self.by_identity = {s.identity: s for s in self.slots if s.proc}
+        self.by_identity = {ident: s for s in self.slots if s.proc
+                            for ident in (s.identity, s.identity + HEARTBEAT_SUFFIX)}
         log.info("worker %s started pid=%d cpus=%s threads=%d sched=%s", slot.name,
                  slot.proc.pid, slot.cpus or "all", slot.threads, slot.sched)
 
@@ -154,6 +156,7 @@ class Supervisor:
             slot.last_pid = slot.proc.pid
             slot.proc = None
         self.by_identity.pop(slot.identity, None)
+        self.by_identity.pop(slot.identity + HEARTBEAT_SUFFIX, None)
         return delay
 
     def restart_due(self) -> None:

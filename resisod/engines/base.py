@@ -15,9 +15,9 @@ from ..protocol import Code
 class JobError(Exception):
     """A job-level failure with a stable code (bad input the daemon could not check, ...)."""
 
-    def __init__(self, code: Code | str, message: str):
+    def __init__(self, code: str, message: str):
         super().__init__(message)
-        self.code = Code(code).value
+        self.code = code
         self.message = message
 
 
@@ -43,35 +43,43 @@ class JobControl:
     """What an engine sees of its running job: emit events, honour cancel and pause.
 
     `checkpoint()` is called by engines at every token / step / sentence boundary; that is
-    where cancellation and preemption take effect.
+    where control messages from the daemon are read and where cancellation and preemption
+    take effect. `poll` is the worker's reader of those messages (None in isolation).
     """
 
-    def __init__(self, task_id: str, emit: Callable[[str, dict[str, Any]], None]):
+    def __init__(self, task_id: str, emit: Callable[[str, dict[str, Any]], None],
+                 poll: Callable[["JobControl", float], None] | None = None):
         self.task_id = task_id
         self._emit = emit
+        self._poll = poll
         self.cancelled = threading.Event()
-        self._resume = threading.Event()
-        self._resume.set()
+        self.paused = False
 
     def emit(self, event: str, **fields: Any) -> None:
         self._emit(event, fields)
 
     def pause(self) -> None:
-        self._resume.clear()
+        self.paused = True
 
     def resume(self) -> None:
-        self._resume.set()
+        self.paused = False
 
     def cancel(self) -> None:
         self.cancelled.set()
-        self._resume.set()
+
+    def poll(self, wait: float = 0.0) -> None:
+        """Apply control messages that arrived (cancel / pause / resume)."""
+        if self._poll is not None:
+            self._poll(self, wait)
 
     def checkpoint(self) -> None:
+        self.poll()
         if self.cancelled.is_set():
             raise Cancelled()
-        if not self._resume.is_set():
+        if self.paused:
             self.emit("paused")
-            self._resume.wait()
+            while self.paused and not self.cancelled.is_set():
+                self.poll(0.05)
             if self.cancelled.is_set():
                 raise Cancelled()
             self.emit("resumed")

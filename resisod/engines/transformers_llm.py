@@ -114,6 +114,7 @@ class TransformersEngine(Engine):
         worker.start()
         text, ttft, n, stopped_by = [], None, 0, None
         for piece in streamer:
+            job.poll()  # a cancel read here stops generate() at its next token
             if not piece:
                 continue
             if job.cancelled.is_set():

@@ -1,0 +1,22 @@
+# make demo  - set up and run the main job (daemon + llm, tts, image on the built-in models)
+# make test  - set up and run the whole test suite
+# make bench - run the benchmarks in bench/
+.PHONY: setup demo test bench clean
+
+setup:
+	./scripts/setup.sh
+
+demo: setup
+	./scripts/demo.sh
+
+test: setup
+	.venv/bin/python -m pytest -q
+
+bench: setup
+	.venv/bin/python bench/overhead.py
+	.venv/bin/python bench/llm.py
+	.venv/bin/python bench/tts.py
+	.venv/bin/python bench/isolation.py
+
+clean:
+	rm -rf .venv build *.egg-info .pytest_cache
