@@ -32,6 +32,9 @@ TICK_S = 0.05
 POSITION_UPDATE_S = 0.25
 MAX_FINISHED_IN_MEMORY = 10000
 DRAIN_BATCH = 512
+# plain ints: pyzmq's enum flags cost an enum operation per send on the hot path
+NOBLOCK, SNDMORE, POLLIN, EVENTS = (int(zmq.NOBLOCK), int(zmq.SNDMORE), int(zmq.POLLIN),
+                                    int(zmq.EVENTS))
 
 
 class Daemon:
@@ -116,8 +119,8 @@ class Daemon:
             now = self.clock()
             if now >= self.next_tick:
                 self.tick(now)
+                logsetup.flush()  # log lines leave within one tick, in one write
                 self.next_tick = now + TICK_S
-            logsetup.flush()
             if self.stopping and self.drained(now):
                 break
         self.close()
@@ -155,14 +158,15 @@ class Daemon:
     # --- routing -----------------------------------------------------------------------------
     def drain(self, sock: zmq.Socket, handle: Callable[[bytes, list[bytes]], None]) -> None:
         for _ in range(DRAIN_BATCH):
-            if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if not sock.getsockopt(EVENTS) & POLLIN:
                 return
-            frames = sock.recv_multipart(zmq.NOBLOCK)
+            frames = sock.recv_multipart(NOBLOCK)
             handle(frames[0], frames[1:])
 
     def send(self, ident: bytes, msg: dict[str, Any]) -> None:
         try:
-            self.client.send_multipart([ident, pack(msg)], zmq.NOBLOCK)
+            self.client.send(ident, SNDMORE | NOBLOCK)
+            self.client.send(pack(msg), NOBLOCK)
         except zmq.Again:
             log.warning("client send queue full; dropped a %s event", msg.get("event"))
 
@@ -430,9 +434,8 @@ class Daemon:
             job.attempts += 1
             job.progress = None
             domain.running.add(job)
-            self.workers.send_multipart([slot.identity, pack({
-                "op": WorkerMsg.RUN, "task_id": job.task_id, "params": job.params,
-                "attempt": job.attempts})])
+            self.to_worker(slot.identity, {"op": WorkerMsg.RUN, "task_id": job.task_id,
+                                           "params": job.params, "attempt": job.attempts})
             for ident, rid in job.streaming_watchers():
                 self.send(ident, event(Event.STARTED, rid, task_id=job.task_id,
                                        attempt=job.attempts, worker=slot.name))
@@ -463,6 +466,10 @@ class Daemon:
             job.paused = False
         for ident, rid in job.streaming_watchers():
             self.send(ident, event(name, rid, task_id=job.task_id, **fields))
+
+    def to_worker(self, identity: bytes, msg: dict[str, Any]) -> None:
+        self.workers.send(identity, SNDMORE)
+        self.workers.send(pack(msg))
 
     def on_job_end(self, slot: Any, msg: dict[str, Any]) -> None:
         job = slot.job
@@ -503,8 +510,7 @@ class Daemon:
         job.cancel_requested = True
         job.cancel_reason = reason
         if job.worker:
-            self.workers.send_multipart([job.worker, pack({"op": WorkerMsg.CANCEL,
-                                                           "task_id": job.task_id})])
+            self.to_worker(job.worker, {"op": WorkerMsg.CANCEL, "task_id": job.task_id})
 
     def requeue(self, job: Job, why: str) -> None:
         domain = self.domains[job.domain]

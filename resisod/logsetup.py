@@ -84,11 +84,34 @@ def flush() -> None:
         h.flush_now()
 
 
+class LeanRecord(logging.LogRecord):
+    """A log record without the source-file bookkeeping nobody reads in this daemon.
+
+    The stock record costs ~10 us (path splitting, process and thread lookups); the daemon
+    writes one per job transition, thousands per second under load.
+    """
+
+    def __init__(self, name: str, level: int, pathname: str, lineno: int, msg: Any,
+                 args: Any, exc_info: Any, func: str | None = None, sinfo: str | None = None,
+                 **_: Any):
+        self.name, self.msg, self.args = name, msg, args
+        self.levelno, self.levelname = level, logging.getLevelName(level)
+        self.pathname, self.filename, self.module = pathname, "", ""
+        self.exc_info, self.exc_text, self.stack_info = exc_info, None, sinfo
+        self.lineno, self.funcName = lineno, func
+        self.created = time.time()
+        self.msecs = (self.created - int(self.created)) * 1000
+        self.relativeCreated = 0.0
+        self.thread = self.threadName = self.processName = self.taskName = None
+        self.process = None
+
+
 def configure(cfg: dict[str, Any], *, batched: bool = False) -> None:
     level = getattr(logging, cfg["level"])
     # the daemon logs every job transition: skip the per-record work nobody reads
     logging._srcfile = None  # type: ignore[attr-defined]
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    logging.setLogRecordFactory(LeanRecord)
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
