@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import zmq
 
-from . import __version__, logsetup, params as job_params
+from . import __version__, isolation, logsetup, params as job_params
 from .domains import Domain
 from .jobs import Job, new_task_id
 from .paths import SocketClaim
@@ -53,6 +53,8 @@ class Daemon:
         self.watch_index: dict[tuple[bytes, Any], Job] = {}
         self.seq = itertools.count()
         self.stopping = False
+        # set whenever a job is queued or a worker frees up; the loop dispatches only then
+        self.dispatch_due = True
         self.stop_deadline = 0.0
         self.started = time.time()
         self.next_tick = 0.0
@@ -88,6 +90,11 @@ class Daemon:
         os.chmod(worker_path, 0o600)
         self.supervisor = Supervisor(self.cfg, self.state_dir, f"ipc://{worker_path}",
                                      clock=self.clock)
+        cpus = isolation.available_cpus()
+        mine = isolation.daemon_cpus(self.supervisor.layout, self.cfg["domains"], cpus)
+        if mine != cpus:
+            os.sched_setaffinity(0, mine)  # workers get their own sets; this is ours
+            log.info("daemon pinned to cpus %s", mine)
 
     def request_stop(self, *_: Any) -> None:
         if not self.stopping:
@@ -115,7 +122,8 @@ class Daemon:
                 self.drain(self.client, self.on_client)
             if self.workers in ready:
                 self.drain(self.workers, self.on_worker)
-            self.dispatch()
+            if self.dispatch_due:
+                self.dispatch()
             now = self.clock()
             if now >= self.next_tick:
                 self.tick(now)
@@ -204,6 +212,7 @@ class Daemon:
             slot.state = SlotState.LOADING
         elif op == WorkerMsg.READY:
             slot.state = SlotState.READY
+            self.dispatch_due = True
             slot.ready_since = self.clock()
             slot.loaded = True
             if domain.unavailable_reason:
@@ -283,6 +292,7 @@ class Daemon:
         self.jobs[job.task_id] = job
         self.active.add(job)
         domain.queue.push(job)
+        self.dispatch_due = True
         position = self.position(job)
         job.last_position = position
         self.send(ident, event(Event.ACCEPTED, rid, task_id=job.task_id,
@@ -418,6 +428,7 @@ class Daemon:
 
     # --- job lifecycle -----------------------------------------------------------------------
     def dispatch(self) -> None:
+        self.dispatch_due = False
         if self.stopping:
             return
         for slot in self.supervisor.slots:
@@ -476,6 +487,7 @@ class Daemon:
         slot.job = None
         if slot.state == SlotState.BUSY:
             slot.state = SlotState.READY
+            self.dispatch_due = True
         if job is None or job.task_id != msg.get("task_id"):
             return
         if msg["op"] == WorkerMsg.DONE:
@@ -518,6 +530,7 @@ class Daemon:
         job.state, job.worker, job.progress, job.paused = JobState.QUEUED, None, None, False
         job.cancel_requested, job.cancel_reason = False, ""
         domain.queue.push(job)
+        self.dispatch_due = True
         job.last_position = self.position(job)
         for ident, rid in job.streaming_watchers():
             self.send(ident, event(Event.QUEUED, rid, task_id=job.task_id,
@@ -566,6 +579,7 @@ class Daemon:
 
     # --- periodic work -----------------------------------------------------------------------
     def tick(self, now: float) -> None:
+        self.dispatch_due = True  # a cheap safety net: no state change can strand a job
         self.reap_workers()
         self.supervisor.restart_due()
         self.enforce_deadlines(now)

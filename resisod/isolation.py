@@ -43,6 +43,18 @@ def auto_layout(domains: dict[str, dict[str, Any]], cpus: list[int]) -> dict[str
     return layout
 
 
+def daemon_cpus(layout: dict[str, list[int]], domains: dict[str, dict[str, Any]],
+                cpus: list[int]) -> list[int]:
+    """Cores for the daemon itself: off the LLM's cores where any are left.
+
+    The daemon wakes for every streamed token; on the LLM's own core that wake-up preempts
+    the decode loop it is relaying.
+    """
+    taken = {c for n, d in domains.items() if d["kind"] == "llm" for c in layout.get(n, [])}
+    rest = [c for c in cpus if c not in taken]
+    return rest or list(cpus)
+
+
 def thread_count(domain: dict[str, Any], cpuset: list[int], cpu_threads: int) -> int:
     if domain["threads"]:
         return domain["threads"]

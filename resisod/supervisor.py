@@ -74,9 +74,11 @@ class Supervisor:
     spawn: Callable[..., subprocess.Popen] = subprocess.Popen
     slots: list[Slot] = field(default_factory=list)
     by_identity: dict[bytes, Slot] = field(default_factory=dict)
+    layout: dict[str, list[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        layout = isolation.auto_layout(self.cfg["domains"], isolation.available_cpus())
+        self.layout = layout = isolation.auto_layout(self.cfg["domains"],
+                                                     isolation.available_cpus())
         cpu_threads = self.cfg["resources"]["cpu_threads"]
         for name, d in self.cfg["domains"].items():
             cpus = layout[name]
