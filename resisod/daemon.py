@@ -8,6 +8,7 @@ model library.
 from __future__ import annotations
 
 import collections
+import gc
 import itertools
 import logging
 import os
@@ -21,6 +22,8 @@ from . import __version__, isolation, logsetup, params as job_params
 from .domains import Domain
 from .jobs import Job, new_task_id
 from .paths import SocketClaim
+from .sdnotify import Notifier
+from .store import JobStore
 from .protocol import (HARD_FRAME_LIMIT, HEARTBEAT_SUFFIX, PRIORITY_ORDER, Code, Event,
                        JobState, Op, ProtocolError, WorkerMsg, check_request, error, event, field, pack,
                        unpack)
@@ -60,6 +63,11 @@ class Daemon:
         self.next_tick = 0.0
         self.next_positions = 0.0
         self.next_heartbeat = 0.0
+        self.next_cleanup = 0.0
+        self.next_watchdog = 0.0
+        # client events wait here until the store has committed the state they report
+        self.outbox: list[tuple[bytes, bytes]] = []
+        self.notifier = Notifier()
         self.ops = {Op.SUBMIT: self.op_submit, Op.WATCH: self.op_watch,
                     Op.CANCEL: self.op_cancel, Op.GET: self.op_get,
                     Op.STATUS: self.op_status, Op.JOBS: self.op_jobs,
@@ -90,15 +98,76 @@ class Daemon:
         os.chmod(worker_path, 0o600)
         self.supervisor = Supervisor(self.cfg, self.state_dir, f"ipc://{worker_path}",
                                      clock=self.clock)
+        self.store = JobStore(os.path.join(self.state_dir, "jobs.db"))
+        self.recover()
         cpus = isolation.available_cpus()
         mine = isolation.daemon_cpus(self.supervisor.layout, self.cfg["domains"], cpus)
         if mine != cpus:
             os.sched_setaffinity(0, mine)  # workers get their own sets; this is ours
             log.info("daemon pinned to cpus %s", mine)
 
+    def recover(self) -> None:
+        """Reload the store: queued jobs in order, interrupted running jobs re-queued once."""
+        now, wall = self.clock(), time.time()
+        requeued = failed = 0
+        for job in self.store.recent_finished(MAX_FINISHED_IN_MEMORY):
+            self.jobs[job.task_id] = job
+            self.finished_order.append(job.task_id)
+        for job, deadline_at in self.store.unfinished():
+            self.jobs[job.task_id] = job
+            domain = self.domains.get(job.domain)
+            if domain is None:
+                job.state, job.finished_at = JobState.FAILED, wall
+                job.error = {"code": Code.ENGINE_UNAVAILABLE,
+                             "message": f"domain {job.domain!r} is no longer configured"}
+                self.store.update(job)
+                failed += 1
+                continue
+            if job.state == JobState.RUNNING:
+                job.interrupted += 1
+                if job.interrupted > 1:
+                    job.state, job.finished_at = JobState.FAILED, wall
+                    job.error = {"code": Code.INTERRUPTED, "message":
+                                 "the job was cut off by a daemon stop twice; not retried"}
+                    domain.failed += 1
+                    self.store.update(job)
+                    failed += 1
+                    continue
+                job.state = JobState.QUEUED
+                self.store.update(job)
+            job.deadline = None if deadline_at is None else now + (deadline_at - wall)
+            job.estimate_ms = domain.estimate(job)
+            self.active.add(job)
+            domain.queue.push(job)
+            requeued += 1
+        self.seq = itertools.count(self.store.max_seq() + 1)
+        self.store.commit()
+        if requeued or failed:
+            log.info("recovered %d queued jobs from the store (%d failed as interrupted)",
+                     requeued, failed)
+
+    def cleanup_expired(self) -> None:
+        """Delete finished jobs older than result_ttl_hours, with their result files."""
+        ttl_s = self.cfg["daemon"]["result_ttl_hours"] * 3600
+        expired = self.store.expired(time.time() - ttl_s)
+        for job in expired:
+            for key, value in (job.result or {}).items():
+                if key.endswith("_path") and isinstance(value, str) and \
+                        value.startswith(self.state_dir):
+                    try:
+                        os.unlink(value)
+                    except FileNotFoundError:
+                        pass
+            self.jobs.pop(job.task_id, None)
+        if expired:
+            self.store.delete([j.task_id for j in expired])
+            log.info("removed %d expired jobs and their files", len(expired))
+        self.store.checkpoint()
+
     def request_stop(self, *_: Any) -> None:
         if not self.stopping:
             log.info("shutting down: no new jobs accepted")
+            self.notifier.stopping()
             self.stopping = True
             self.stop_deadline = self.clock() + self.cfg["daemon"]["shutdown_grace_s"]
             for job in list(self.active):
@@ -110,6 +179,11 @@ class Daemon:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         self.supervisor.start_all()
+        # the loop allocates many short-lived dicts per job; collecting them in generation 0
+        # every 700 allocations costs more than it frees. Long-lived state is frozen.
+        gc.freeze()
+        gc.set_threshold(20000, 20, 20)
+        self.notifier.ready()
         log.info("resisod %s serving on %s (state %s)", __version__, self.socket_path,
                  self.state_dir)
         poller = zmq.Poller()
@@ -129,11 +203,25 @@ class Daemon:
                 self.tick(now)
                 logsetup.flush()  # log lines leave within one tick, in one write
                 self.next_tick = now + TICK_S
+            self.commit()
             if self.stopping and self.drained(now):
                 break
         self.close()
         logsetup.flush()
         return 0
+
+    def commit(self) -> None:
+        """Make this iteration's state changes durable, then tell clients about them."""
+        self.store.commit()
+        if self.outbox:
+            send = self.client.send
+            for ident, frame in self.outbox:
+                try:
+                    send(ident, SNDMORE | NOBLOCK)
+                    send(frame, NOBLOCK)
+                except zmq.Again:
+                    log.warning("a client's receive queue is full; dropped an event")
+            self.outbox.clear()
 
     def drained(self, now: float) -> bool:
         running = [j for j in self.active if j.state == JobState.RUNNING]
@@ -156,6 +244,8 @@ class Daemon:
             if slot.identity:
                 self.workers.send_multipart([slot.identity,
                                              pack({"op": WorkerMsg.SHUTDOWN})])
+        self.commit()
+        self.store.close()
         self.supervisor.shutdown()
         self.client.close(0)
         self.workers.close(0)
@@ -172,11 +262,7 @@ class Daemon:
             handle(frames[0], frames[1:])
 
     def send(self, ident: bytes, msg: dict[str, Any]) -> None:
-        try:
-            self.client.send(ident, SNDMORE | NOBLOCK)
-            self.client.send(pack(msg), NOBLOCK)
-        except zmq.Again:
-            log.warning("client send queue full; dropped a %s event", msg.get("event"))
+        self.outbox.append((ident, pack(msg)))
 
     def on_client(self, ident: bytes, frames: list[bytes]) -> None:
         rid = None
@@ -289,6 +375,8 @@ class Daemon:
             if not partials:
                 job.final_only.add((ident, rid))
         job.estimate_ms = domain.estimate(job)
+        self.store.insert(job, None if job.deadline is None else
+                          time.time() + (job.deadline - now))
         self.jobs[job.task_id] = job
         self.active.add(job)
         domain.queue.push(job)
@@ -315,7 +403,7 @@ class Daemon:
 
     def lookup(self, msg: dict[str, Any]) -> Job:
         task_id = field(msg, "task_id", str, required=True)
-        job = self.jobs.get(task_id)
+        job = self.jobs.get(task_id) or self.store.get(task_id)
         if job is None:
             raise ProtocolError(Code.NOT_FOUND, f"no job {task_id!r} (it may have expired)")
         return job
@@ -445,12 +533,17 @@ class Daemon:
             job.attempts += 1
             job.progress = None
             domain.running.add(job)
+            self.store.update(job)
             self.to_worker(slot.identity, {"op": WorkerMsg.RUN, "task_id": job.task_id,
                                            "params": job.params, "attempt": job.attempts})
             for ident, rid in job.streaming_watchers():
                 self.send(ident, event(Event.STARTED, rid, task_id=job.task_id,
                                        attempt=job.attempts, worker=slot.name))
             job._dispatched = now  # type: ignore[attr-defined]
+            if domain.kind == "image":
+                # slow jobs: whoever waits behind this one hears its new position at once
+                # (fast domains get positions from the periodic sweep)
+                self.send_positions(now, (domain,))
             log.info("job %s started worker=%s attempt=%d", job.task_id, slot.name, job.attempts)
 
     def on_partial(self, slot: Any, msg: dict[str, Any]) -> None:
@@ -531,6 +624,7 @@ class Daemon:
         job.cancel_requested, job.cancel_reason = False, ""
         domain.queue.push(job)
         self.dispatch_due = True
+        self.store.update(job)
         job.last_position = self.position(job)
         for ident, rid in job.streaming_watchers():
             self.send(ident, event(Event.QUEUED, rid, task_id=job.task_id,
@@ -544,6 +638,7 @@ class Daemon:
         job.result, job.error, job.paused = result, error, False
         domain.running.discard(job)
         self.active.discard(job)
+        self.store.update(job)
         if state == JobState.COMPLETED:
             domain.completed += 1
             domain.learn(job, (job.finished_at - job.started_at) * 1000)
@@ -584,6 +679,13 @@ class Daemon:
         self.supervisor.restart_due()
         self.enforce_deadlines(now)
         self.drop_vanished_clients(now)
+        if now >= self.next_cleanup:
+            self.cleanup_expired()
+            ttl_s = self.cfg["daemon"]["result_ttl_hours"] * 3600
+            self.next_cleanup = now + min(60.0, max(0.5, ttl_s / 4))
+        if self.notifier.watchdog_s and now >= self.next_watchdog:
+            self.notifier.watchdog()
+            self.next_watchdog = now + self.notifier.watchdog_s
         if now >= self.next_positions:
             self.send_positions(now)
             self.next_positions = now + POSITION_UPDATE_S
@@ -672,8 +774,8 @@ class Daemon:
                 else:
                     self.cancel_running(job, "client_gone")
 
-    def send_positions(self, now: float) -> None:
-        for domain in self.domains.values():
+    def send_positions(self, now: float, domains: Any = None) -> None:
+        for domain in domains or self.domains.values():
             base = len(domain.running) - domain.cfg["workers"] + 1
             for index, job in enumerate(domain.queue):
                 position = max(0, index + base)

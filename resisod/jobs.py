@@ -33,6 +33,7 @@ class Job:
     finished_at: float | None = None
     deadline: float | None = None       # monotonic seconds; None = no deadline
     attempts: int = 0                   # how many times a worker started it
+    interrupted: int = 0                # times a daemon crash or stop cut it off mid-run
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None  # {"code", "message"}
     progress: dict[str, Any] | None = None  # the last progress event, for late watchers

@@ -117,6 +117,7 @@ def null(p: dict[str, Any], domain: dict[str, Any]) -> dict[str, Any]:
         "alloc_mb": _int(p, "alloc_mb", 0, 1000000, 0),
         "crash": field(p, "crash", bool, default=False),
         "fail": field(p, "fail", str, default=""),
+        "write_file": field(p, "write_file", bool, default=False),
     }
     text = field(p, "text", str)
     if text is not None:

@@ -39,6 +39,11 @@ class NullEngine(Engine):
             raise JobError(params["fail"], "failure requested by the job's parameters")
         del hold
         out: dict[str, Any] = {"steps": steps}
+        if params["write_file"]:  # a result file, as the real engines leave one
+            path = os.path.join(self.ctx.results_dir, f"{job.task_id}.bin")
+            with open(path, "wb") as f:
+                f.write(b"null result\n")
+            out["result_path"] = path
         if "text" in params:
             out["result"] = params["text"]
         return out
