@@ -118,6 +118,7 @@ def null(p: dict[str, Any], domain: dict[str, Any]) -> dict[str, Any]:
         "crash": field(p, "crash", bool, default=False),
         "fail": field(p, "fail", str, default=""),
         "write_file": field(p, "write_file", bool, default=False),
+        "record": field(p, "record", str, default=""),
     }
     text = field(p, "text", str)
     if text is not None:

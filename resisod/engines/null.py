@@ -38,6 +38,9 @@ class NullEngine(Engine):
         if params["fail"]:
             raise JobError(params["fail"], "failure requested by the job's parameters")
         del hold
+        if params["record"]:  # an execution log, so tests can count how often a job ran
+            with open(params["record"], "a") as f:
+                f.write(job.task_id + "\n")
         out: dict[str, Any] = {"steps": steps}
         if params["write_file"]:  # a result file, as the real engines leave one
             path = os.path.join(self.ctx.results_dir, f"{job.task_id}.bin")
