@@ -154,6 +154,7 @@ class JobStream:
         self.task_id: str | None = None
         self.alive_s = 0.5
         self._pending: collections.deque = collections.deque()
+        self._last_alive = time.monotonic()
         first = self._next(client.timeout)
         if first["event"] == Event.ERROR and "task_id" not in first:
             raise Rejected(first)  # refused before it became a job
@@ -167,10 +168,14 @@ class JobStream:
         deadline = None if timeout is None else time.monotonic() + timeout
         silent_since = time.monotonic()
         while True:
+            now = time.monotonic()
+            if now - self._last_alive >= self.alive_s:
+                # a streaming job whose client stops saying this is cancelled by the daemon
+                self.client.send(Op.ALIVE, rids=[self.rid])
+                self._last_alive = now
             ev = self.client.recv(self.rid, timeout=self.alive_s)
             if ev is not None:
                 return ev
-            self.client.send(Op.ALIVE, rids=[self.rid])
             now = time.monotonic()
             if now - silent_since > 3.0:
                 if not _answers(self.client.path):

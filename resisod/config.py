@@ -107,6 +107,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "resources": {
         "cpu_threads": Key(0, _int(0, 1024)),
         "max_memory_mb": Key(0, _int(0)),
+        "isolation": Key(True, _bool),
+        "preempt_across_cores": Key(True, _bool),
     },
     "resources.gpu_allocation": {
         "llm": Key(70, _int(0, 100)),

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import zmq
 
-from . import __version__, isolation, logsetup, params as job_params
+from . import __version__, gpu, isolation, logsetup, params as job_params, preemption
 from .domains import Domain
 from .jobs import Job, new_task_id
 from .paths import SocketClaim
@@ -100,11 +100,50 @@ class Daemon:
                                      clock=self.clock)
         self.store = JobStore(os.path.join(self.state_dir, "jobs.db"))
         self.recover()
+        self.gpus = gpu.probe()
+        self.plan_preemption()
         cpus = isolation.available_cpus()
         mine = isolation.daemon_cpus(self.supervisor.layout, self.cfg["domains"], cpus)
-        if mine != cpus:
+        if mine != cpus and self.cfg["resources"]["isolation"]:
             os.sched_setaffinity(0, mine)  # workers get their own sets; this is ours
             log.info("daemon pinned to cpus %s", mine)
+
+    def plan_preemption(self) -> None:
+        """Which realtime domains each preemptible batch domain must yield to."""
+        res = self.cfg["resources"]
+        self.yields_to: dict[str, list[Domain]] = {}
+        self.turns: dict[str, preemption.Turn] = {}
+        if not res["isolation"]:
+            return
+        layout = self.supervisor.layout
+        for b in self.domains.values():
+            if not (b.cfg["preemptible"] and b.cfg["priority"] == "batch"):
+                continue
+            rts = [r for r in self.domains.values() if r.cfg["priority"] == "realtime" and
+                   preemption.shares_device(b.cfg, r.cfg, layout[b.name], layout[r.name],
+                                            gpus=len(self.gpus),
+                                            across_cores=res["preempt_across_cores"])]
+            if rts:
+                self.yields_to[b.name] = rts
+                self.turns[b.name] = preemption.Turn()
+                log.info("domain %s yields to %s", b.name, ", ".join(r.name for r in rts))
+
+    def preempt(self, now: float) -> None:
+        """Pause or resume batch work so realtime work on a shared device runs alone."""
+        floor = self.cfg["resources"]["gpu_allocation"]["image"] / 100.0
+        for name, rts in self.yields_to.items():
+            batch, turn = self.domains[name], self.turns[name]
+            busy = any(r.running or len(r.queue) for r in rts)
+            paused = preemption.want_paused(now, busy, turn, floor)
+            if not preemption.apply(turn, paused):
+                continue
+            batch.paused = paused
+            op = WorkerMsg.PAUSE if paused else WorkerMsg.RESUME
+            for job in batch.running:
+                if job.worker:
+                    self.to_worker(job.worker, {"op": op, "task_id": job.task_id})
+            if paused and batch.running:
+                batch.preemptions += 1
 
     def recover(self) -> None:
         """Reload the store: queued jobs in order, interrupted running jobs re-queued once."""
@@ -198,6 +237,8 @@ class Daemon:
                 self.drain(self.workers, self.on_worker)
             if self.dispatch_due:
                 self.dispatch()
+                if self.yields_to:
+                    self.preempt(self.clock())
             now = self.clock()
             if now >= self.next_tick:
                 self.tick(now)
@@ -479,6 +520,10 @@ class Daemon:
             job = self.watch_index.get((ident, r))
             if job is not None and (ident, r) in job.watchers:
                 job.watchers[(ident, r)] = now
+            elif isinstance(r, (int, str)) and not isinstance(r, bool):
+                # dropped after a silence (or never watched): say so, so the stream ends
+                self.send(ident, error(r, Code.NOT_FOUND, "this request no longer watches a "
+                                       "job (it was dropped after the client went silent)"))
 
     def op_status(self, ident: bytes, rid: Any, msg: dict[str, Any]) -> None:
         self.send(ident, event(Event.RESULT, rid, **self.status()))
@@ -512,7 +557,8 @@ class Daemon:
                              "workers": workers, **d.stats()}
         return {"version": __version__, "pid": os.getpid(), "socket": self.socket_path,
                 "state_dir": self.state_dir, "uptime_s": round(time.time() - self.started, 1),
-                "stopping": self.stopping, "domains": domains}
+                "stopping": self.stopping, "domains": domains,
+                "gpus": gpu.probe() if self.gpus else []}
 
     # --- job lifecycle -----------------------------------------------------------------------
     def dispatch(self) -> None:
@@ -536,6 +582,9 @@ class Daemon:
             self.store.update(job)
             self.to_worker(slot.identity, {"op": WorkerMsg.RUN, "task_id": job.task_id,
                                            "params": job.params, "attempt": job.attempts})
+            if domain.paused:
+                self.to_worker(slot.identity, {"op": WorkerMsg.PAUSE, "task_id": job.task_id})
+                domain.preemptions += 1
             for ident, rid in job.streaming_watchers():
                 self.send(ident, event(Event.STARTED, rid, task_id=job.task_id,
                                        attempt=job.attempts, worker=slot.name))
@@ -679,6 +728,8 @@ class Daemon:
         self.supervisor.restart_due()
         self.enforce_deadlines(now)
         self.drop_vanished_clients(now)
+        if self.yields_to:
+            self.preempt(now)
         if now >= self.next_cleanup:
             self.cleanup_expired()
             ttl_s = self.cfg["daemon"]["result_ttl_hours"] * 3600

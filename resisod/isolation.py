@@ -17,7 +17,8 @@ def available_cpus() -> list[int]:
     return sorted(os.sched_getaffinity(0))
 
 
-def auto_layout(domains: dict[str, dict[str, Any]], cpus: list[int]) -> dict[str, list[int]]:
+def auto_layout(domains: dict[str, dict[str, Any]], cpus: list[int],
+                isolate: bool = True) -> dict[str, list[int]]:
     """CPU sets for domains whose `cpus` is empty.
 
     Realtime domains that run on the CPU-heavy path (llm) get the first core(s); batch domains
@@ -26,8 +27,10 @@ def auto_layout(domains: dict[str, dict[str, Any]], cpus: list[int]) -> dict[str
     With 2 cores: llm -> [0], image -> [1], tts -> [1].
     """
     layout: dict[str, list[int]] = {}
-    if len(cpus) < 2:
-        return {name: list(cpus) for name in domains}
+    if len(cpus) < 2 or not isolate:
+        # isolation off: every domain floats over every core, like separate servers would
+        return {name: list(d["cpus"]) if isolate and d["cpus"] else list(cpus)
+                for name, d in domains.items()}
     llm_like = [n for n, d in domains.items() if d["priority"] == "realtime" and d["kind"] == "llm"]
     n_front = max(1, len(cpus) // 2) if len(cpus) > 2 else 1
     front, back = cpus[:n_front], cpus[n_front:]
@@ -62,7 +65,9 @@ def thread_count(domain: dict[str, Any], cpuset: list[int], cpu_threads: int) ->
     return max(1, min(n, cpu_threads) if cpu_threads else n)
 
 
-def scheduling_class(domain: dict[str, Any]) -> str:
+def scheduling_class(domain: dict[str, Any], isolate: bool = True) -> str:
+    if not isolate:
+        return "normal"
     return {"realtime": "normal", "normal": "normal", "batch": "idle"}[domain["priority"]]
 
 

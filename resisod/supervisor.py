@@ -77,15 +77,16 @@ class Supervisor:
     layout: dict[str, list[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        isolate = self.cfg["resources"]["isolation"]
         self.layout = layout = isolation.auto_layout(self.cfg["domains"],
-                                                     isolation.available_cpus())
+                                                     isolation.available_cpus(), isolate)
         cpu_threads = self.cfg["resources"]["cpu_threads"]
         for name, d in self.cfg["domains"].items():
             cpus = layout[name]
             for i in range(d["workers"]):
                 self.slots.append(Slot(domain=name, index=i, cpus=cpus,
                                        threads=isolation.thread_count(d, cpus, cpu_threads),
-                                       sched=isolation.scheduling_class(d)))
+                                       sched=isolation.scheduling_class(d, isolate)))
 
     @property
     def heartbeat(self) -> float:
