@@ -38,5 +38,16 @@ app.command()(jobcmds.cancel)
 app.command()(jobcmds.get)
 
 
+@app.command("serve-http", context_settings={"allow_extra_args": True,
+                                             "ignore_unknown_options": True})
+def serve_http(ctx: typer.Context) -> None:
+    """Run the HTTP gateway (REST + OpenAI-compatible API) against the daemon.
+
+    Options: --listen HOST:PORT, --config PATH, --socket PATH."""
+    import os
+    import sys
+    os.execv(sys.executable, [sys.executable, "-m", "resisod.http", *ctx.args])
+
+
 def main() -> None:
     app()

@@ -68,6 +68,7 @@ class Daemon:
         # client events wait here until the store has committed the state they report
         self.outbox: list[tuple[bytes, bytes]] = []
         self.notifier = Notifier()
+        self.gateway: Any = None
         self.ops = {Op.SUBMIT: self.op_submit, Op.WATCH: self.op_watch,
                     Op.CANCEL: self.op_cancel, Op.GET: self.op_get,
                     Op.STATUS: self.op_status, Op.JOBS: self.op_jobs,
@@ -107,6 +108,32 @@ class Daemon:
         if mine != cpus and self.cfg["resources"]["isolation"]:
             os.sched_setaffinity(0, mine)  # workers get their own sets; this is ours
             log.info("daemon pinned to cpus %s", mine)
+
+    def start_gateway(self) -> None:
+        """The HTTP gateway runs as a child process and is a client like any other."""
+        if not self.cfg["http"]["enabled"] or self.stopping:
+            return
+        import json
+        import subprocess
+        import sys
+        env = {**os.environ, "RESISO_HTTP": json.dumps(self.cfg["http"]),
+               "RESISO_SOCKET": self.socket_path}
+        self.gateway = subprocess.Popen([sys.executable, "-m", "resisod.http"], env=env,
+                                        stdin=subprocess.DEVNULL)
+        self.gateway_started = self.clock()
+        log.info("HTTP gateway started on %s (pid %d)", self.cfg["http"]["listen"],
+                 self.gateway.pid)
+
+    def check_gateway(self, now: float) -> None:
+        if self.gateway is None or self.gateway.poll() is None:
+            return
+        code = self.gateway.returncode
+        if code == 2:  # refused its configuration: restarting would not help
+            log.error("HTTP gateway refused to start (see above); not restarting")
+            self.gateway = None
+        elif now - self.gateway_started > 1.0:
+            log.warning("HTTP gateway exited with %s; restarting", code)
+            self.start_gateway()
 
     def plan_preemption(self) -> None:
         """Which realtime domains each preemptible batch domain must yield to."""
@@ -218,6 +245,7 @@ class Daemon:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         self.supervisor.start_all()
+        self.start_gateway()
         # the loop allocates many short-lived dicts per job; collecting them in generation 0
         # every 700 allocations costs more than it frees. Long-lived state is frozen.
         gc.freeze()
@@ -287,6 +315,12 @@ class Daemon:
                                              pack({"op": WorkerMsg.SHUTDOWN})])
         self.commit()
         self.store.close()
+        if self.gateway is not None and self.gateway.poll() is None:
+            self.gateway.terminate()
+            try:
+                self.gateway.wait(5)
+            except Exception:
+                self.gateway.kill()
         self.supervisor.shutdown()
         self.client.close(0)
         self.workers.close(0)
@@ -487,6 +521,12 @@ class Daemon:
     def op_get(self, ident: bytes, rid: Any, msg: dict[str, Any]) -> None:
         job = self.lookup(msg)
         out = job.record()
+        if job.state == JobState.QUEUED and job in self.active:
+            out["position"] = self.position(job)
+            out["estimated_time_ms"] = round(self.wait_estimate(job, self.clock()))
+        elif job.state == JobState.RUNNING:
+            out["estimated_time_remaining_ms"] = round(
+                self.domains[job.domain].remaining(job, self.clock()))
         if field(msg, "data", bool, default=False) and job.state == JobState.COMPLETED:
             path = out.get("image_path") or out.get("audio_path")
             if path:
@@ -552,6 +592,7 @@ class Daemon:
             else:
                 state = "loading"
             domains[name] = {"kind": d.kind, "engine": d.cfg["engine"], "model": d.cfg["model"],
+                             "models": served_names(d.cfg),
                              "priority": d.cfg["priority"], "state": state,
                              "reason": d.unavailable_reason, "paused": d.paused,
                              "workers": workers, **d.stats()}
@@ -730,6 +771,7 @@ class Daemon:
         self.drop_vanished_clients(now)
         if self.yields_to:
             self.preempt(now)
+        self.check_gateway(now)
         if now >= self.next_cleanup:
             self.cleanup_expired()
             ttl_s = self.cfg["daemon"]["result_ttl_hours"] * 3600

@@ -8,6 +8,29 @@ from typing import Any
 from .jobs import DomainQueue, Job
 
 
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+           300.0)
+
+
+@dataclass
+class Histogram:
+    """Cumulative buckets, as Prometheus wants them."""
+    counts: list[int] = field(default_factory=lambda: [0] * len(BUCKETS))
+    count: int = 0
+    total: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.count += 1
+        self.total += seconds
+        for i, bound in enumerate(BUCKETS):
+            if seconds <= bound:
+                self.counts[i] += 1
+
+    def export(self) -> dict[str, Any]:
+        return {"bounds": BUCKETS, "cumulative": self.counts, "count": self.count,
+                "sum": self.total}
+
+
 def _percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -29,6 +52,9 @@ class Domain:
     # running averages that feed the estimates given to clients
     job_ms: float | None = None
     step_ms: float | None = None
+    cache_hits: int = 0
+    duration_hist: Histogram = field(default_factory=Histogram)
+    ttft_hist: Histogram = field(default_factory=Histogram)
     unavailable_reason: str = ""         # set while no worker of the domain can load its engine
     paused: bool = False                 # preempted by realtime work on a shared device
 
@@ -43,6 +69,12 @@ class Domain:
 
     def learn(self, job: Job, duration_ms: float) -> None:
         self.latencies_ms.append(duration_ms)
+        self.duration_hist.observe(duration_ms / 1000)
+        result = job.result or {}
+        if result.get("ttft_ms") is not None:
+            self.ttft_hist.observe(result["ttft_ms"] / 1000)
+        if result.get("cached"):
+            self.cache_hits += 1
         self.job_ms = duration_ms if self.job_ms is None else 0.8 * self.job_ms + 0.2 * duration_ms
         steps = job.params.get("steps") if self.stepped else None
         if steps:
@@ -83,5 +115,7 @@ class Domain:
             "queue": self.queue.depth_by_class(), "queued": len(self.queue),
             "running": len(self.running), "completed": self.completed, "failed": self.failed,
             "cancelled": self.cancelled, "preemptions": self.preemptions,
+            "cache_hits": self.cache_hits, "duration_hist": self.duration_hist.export(),
+            "ttft_hist": self.ttft_hist.export(),
             "p50_ms": _percentile(lat, 0.5), "p95_ms": _percentile(lat, 0.95),
         }

@@ -1,0 +1,93 @@
+"""Prometheus metrics: the gateway's own HTTP numbers plus the daemon's, read at scrape time.
+
+Job counts, durations, TTFT, queues, RSS, preemptions and cache hits come from the daemon's
+status, so jobs submitted through the CLI count as well as those that came over HTTP.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client import generate_latest
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                    HistogramMetricFamily)
+
+
+class DaemonCollector:
+    def __init__(self) -> None:
+        self.status: dict[str, Any] | None = None
+
+    def collect(self) -> Any:
+        st = self.status
+        up = GaugeMetricFamily("resiso_daemon_up", "1 when resisod answered this scrape")
+        up.add_metric([], 1.0 if st else 0.0)
+        yield up
+        if not st:
+            return
+        jobs = CounterMetricFamily("resiso_jobs", "finished jobs by domain and outcome",
+                                   labels=["domain", "kind", "outcome"])
+        queue = GaugeMetricFamily("resiso_queue_length", "queued jobs",
+                                  labels=["domain", "priority"])
+        running = GaugeMetricFamily("resiso_running_jobs", "running jobs", labels=["domain"])
+        preempt = CounterMetricFamily("resiso_preemptions", "times batch work was paused",
+                                      labels=["domain"])
+        cache = CounterMetricFamily("resiso_cache_hits", "results served from cache",
+                                    labels=["domain"])
+        rss = GaugeMetricFamily("resiso_worker_rss_bytes", "worker resident memory",
+                                labels=["domain", "worker"])
+        dur = HistogramMetricFamily("resiso_job_duration_seconds", "run time of completed "
+                                    "jobs", labels=["domain"])
+        ttft = HistogramMetricFamily("resiso_llm_ttft_seconds", "time to first token",
+                                     labels=["domain"])
+        for name, d in st["domains"].items():
+            for outcome in ("completed", "failed", "cancelled"):
+                jobs.add_metric([name, d["kind"], outcome], d[outcome])
+            for prio, n in d["queue"].items():
+                queue.add_metric([name, prio], n)
+            running.add_metric([name], d["running"])
+            preempt.add_metric([name], d["preemptions"])
+            cache.add_metric([name], d.get("cache_hits", 0))
+            for w in d["workers"]:
+                if w["rss_mb"] is not None:
+                    rss.add_metric([name, w["name"]], w["rss_mb"] * 2**20)
+            for family, key in ((dur, "duration_hist"), (ttft, "ttft_hist")):
+                h = d.get(key)
+                if h and h["count"]:
+                    buckets = [(str(b), c) for b, c in zip(h["bounds"], h["cumulative"])]
+                    buckets.append(("+Inf", h["count"]))
+                    family.add_metric([name], buckets, h["sum"])
+        yield from (jobs, queue, running, preempt, cache, rss, dur, ttft)
+        gpu = GaugeMetricFamily("resiso_gpu_memory_used_bytes", "GPU memory in use",
+                                labels=["gpu", "name"])
+        for g in st.get("gpus", []):
+            gpu.add_metric([str(g["index"]), g["name"]], g["used_mb"] * 2**20)
+        yield gpu
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("resiso_http_requests", "HTTP requests",
+                                ["route", "method", "status"], registry=self.registry)
+        self.latency = Histogram("resiso_http_request_duration_seconds", "HTTP request time",
+                                 ["route"], registry=self.registry)
+        self.gateway_jobs = Counter("resiso_gateway_jobs", "jobs finished through the gateway",
+                                    ["kind", "outcome"], registry=self.registry)
+        self.daemon = DaemonCollector()
+        self.registry.register(self.daemon)
+
+    def http(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, method, str(status)).inc()
+        self.latency.labels(route).observe(seconds)
+
+    def job(self, kind: str, final: dict[str, Any]) -> None:
+        outcome = {"result": "completed", "cancelled": "cancelled"}.get(final.get("event"),
+                                                                       "failed")
+        self.gateway_jobs.labels(kind, outcome).inc()
+
+    def submitted(self, kind: str) -> None:
+        self.gateway_jobs.labels(kind, "submitted").inc()
+
+    def render(self, status: dict[str, Any] | None) -> tuple[bytes, str]:
+        self.daemon.status = status
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
