@@ -167,6 +167,7 @@ DOMAIN_KIND: dict[str, dict[str, Key]] = {
         "delay_ms": Key(0.0, _num(0)),
         "steps": Key(0, _int(0, 1000000)),
         "load_ms": Key(0.0, _num(0)),
+        "crash_on_load": Key(False, _bool),
     },
 }
 

@@ -387,6 +387,10 @@ class Daemon:
             self.check_domain_health(domain)
         elif op == WorkerMsg.UNLOADED:
             slot.loaded = False
+            log.info("worker %s unloaded its model after %.0fs idle", slot.name,
+                     domain.cfg["keep_alive_s"])
+        elif op == WorkerMsg.RELOADED:
+            slot.loaded = True
 
     # --- client ops --------------------------------------------------------------------------
     def pick_domain(self, msg: dict[str, Any]) -> Domain:

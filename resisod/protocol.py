@@ -70,6 +70,7 @@ class WorkerMsg:
     DONE = "done"
     FAILED = "failed"
     UNLOADED = "unloaded"    # idle unload after keep_alive_s
+    RELOADED = "reloaded"    # loaded again for the job it was given
     # daemon -> worker
     RUN = "run"
     CANCEL = "cancel"

@@ -124,6 +124,7 @@ class Worker:
                     engine = create(domain, ectx)
                     engine.load()
                     loaded = True
+                    self.send({"op": WorkerMsg.RELOADED})
                 except Exception as exc:
                     self.send({"op": WorkerMsg.FAILED, "task_id": msg["task_id"],
                                "code": Code.ENGINE_UNAVAILABLE,

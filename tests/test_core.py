@@ -256,3 +256,44 @@ def test_daemon_side_imports_no_model_library():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == ""
+
+
+def test_idle_unload_and_reload(make_daemon):
+    d = make_daemon("""
+[daemon]
+heartbeat_ms = 200
+[domains.null]
+kind = "null"
+keep_alive_s = 0.3
+load_ms = 50
+""")
+    with d.client() as c:
+        assert c.submit("null", {"text": "a"}).wait()["result"] == "a"
+        wait_for(lambda: not c.status()["domains"]["null"]["workers"][0]["loaded"],
+                 what="idle unload")
+        assert c.submit("null", {"text": "b"}).wait()["result"] == "b"  # reloaded
+        w = c.status()["domains"]["null"]["workers"][0]
+        assert w["state"] == "ready" and w["restarts"] == 0
+
+
+def test_crash_loop_marks_domain_failed_others_unaffected(make_daemon):
+    d = make_daemon("""
+[daemon]
+heartbeat_ms = 200
+restart_backoff_max_s = 0.4
+[domains.bad]
+kind = "null"
+crash_on_load = true
+[domains.good]
+kind = "null"
+""", )
+    with d.client() as c:
+        st = wait_for(lambda: (lambda s: s if s["domains"]["bad"]["state"] == "failed"
+                               else None)(c.status()), 30, 0.1, "crash loop noticed")
+        bad = st["domains"]["bad"]
+        assert "crashing" in bad["reason"] and "71" in bad["reason"]
+        with pytest.raises(Rejected) as exc:
+            c.submit("", {}, domain="bad")
+        assert exc.value.code == "engine_unavailable"
+        assert st["domains"]["good"]["state"] == "ready"
+        assert c.submit("", {"text": "fine"}, domain="good").wait()["result"] == "fine"

@@ -141,3 +141,22 @@ def test_watch_in_a_terminal_shows_a_progress_bar(image_daemon, tmp_path):
     assert "12/12" in text and "━" in text
     assert str(out) in text
     assert png_size(out.read_bytes()) == (128, 128)
+
+
+def test_ctrl_c_while_watching_detaches_and_the_job_runs_on(image_daemon):
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(os.path.join(BIN, "resiso"),
+                          ["image", "a long one", "--steps", "60", "--width", "256",
+                           "--height", "256"],
+                          env={**image_daemon.env, "COLUMNS": "100", "TERM": "xterm"},
+                          timeout=60)
+    child.expect("/60")  # the bar shows steps
+    child.sendintr()
+    child.expect("detached from (img_[0-9a-f]+)")
+    task_id = child.match.group(1).decode()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    with image_daemon.client() as c:
+        assert c.get(task_id)["status"] in ("running", "completed")
+        assert c.watch(task_id).wait()["status"] == "completed"

@@ -17,6 +17,8 @@ class NullEngine(Engine):
     kind = "null"
 
     def load(self) -> None:
+        if self.domain.get("crash_on_load"):
+            os._exit(71)  # a worker that dies before it is ready, every time
         if self.domain.get("load_ms"):
             time.sleep(self.domain["load_ms"] / 1000.0)
 
