@@ -899,6 +899,5 @@ def served_names(domain_cfg: dict[str, Any]) -> list[str]:
 
 
 def describe_sched(slot: Any) -> str:
-    from .isolation import describe_policy
     pid = slot.pid
-    return describe_policy(pid) if pid else slot.sched
+    return isolation.describe_policy(pid) if pid else slot.sched

@@ -207,3 +207,18 @@ def test_turn_decisions_with_a_fake_clock():
     assert turn2.paused is False               # owed a slice: runs
     preemption.apply(turn2, preemption.want_paused(0.75, False, turn2, floor))
     assert preemption.want_paused(0.76, True, turn2, floor) is False  # still owed
+
+
+def test_which_domains_share_a_device():
+    gpu_llm = {"device": "cuda:0"}
+    gpu_img = {"device": "auto"}
+    cpu_tts = {"device": "cpu"}
+    other_gpu = {"device": "cuda:1"}
+    share = preemption.shares_device
+    assert share(gpu_img, gpu_llm, [1], [0], gpus=1, across_cores=False)
+    assert not share(other_gpu, gpu_llm, [1], [0], gpus=2, across_cores=True)
+    assert not share(gpu_img, cpu_tts, [1], [1], gpus=1, across_cores=True)
+    # no GPU on the machine: "auto" means the CPU; cores decide
+    assert share(gpu_img, cpu_tts, [1], [1], gpus=0, across_cores=False)
+    assert not share(gpu_img, gpu_llm, [1], [0], gpus=0, across_cores=False)
+    assert share(gpu_img, gpu_llm, [1], [0], gpus=0, across_cores=True)

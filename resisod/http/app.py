@@ -6,6 +6,7 @@ there is one scheduling path and no second queue here.
 from __future__ import annotations
 
 import base64
+import hmac
 import json
 import time
 from typing import Any, Literal, Optional
@@ -136,7 +137,8 @@ def create_app(socket_path: str, http_cfg: dict[str, Any]) -> FastAPI:
     async def guard(request: Request, call_next: Any) -> Response:
         t0 = time.perf_counter()
         if api_key and request.url.path != "/api/health":
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, f"Bearer {api_key}".encode()):
                 return _error(request, 401, "unauthorized", "missing or wrong bearer token")
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > max_body:
