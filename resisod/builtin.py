@@ -29,28 +29,25 @@ def is_builtin(model: str) -> bool:
     return model.startswith("builtin:")
 
 
-def llm_path(model: str) -> str:
-    """A .gguf path or HF directory for an LLM model setting."""
+def _resolve(model: str, table: dict[str, tuple[str, str]], what: str) -> str:
     if not is_builtin(model):
         return os.path.expanduser(model)
     name = model[len("builtin:"):]
-    if name not in BUILTIN_LLM:
-        raise BuiltinMissing(f"unknown built-in LLM {model!r}; known: "
-                             f"{', '.join('builtin:' + n for n in BUILTIN_LLM)}")
-    package, filename = BUILTIN_LLM[name]
-    return os.path.join(_package_dir(package, package.replace("_", "-")), filename)
+    if name not in table:
+        raise BuiltinMissing(f"unknown built-in {what} {model!r}; known: "
+                             f"{', '.join('builtin:' + n for n in table)}")
+    package, rel = table[name]
+    return os.path.join(_package_dir(package, package.replace("_", "-")), rel)
+
+
+def llm_path(model: str) -> str:
+    """A .gguf path or HF directory for an LLM model setting."""
+    return _resolve(model, BUILTIN_LLM, "LLM")
 
 
 def voice_path(model: str) -> str:
     """An .onnx path for a Piper voice setting."""
-    if not is_builtin(model):
-        return os.path.expanduser(model)
-    name = model[len("builtin:"):]
-    if name not in BUILTIN_VOICES:
-        raise BuiltinMissing(f"unknown built-in voice {model!r}; known: "
-                             f"{', '.join('builtin:' + n for n in BUILTIN_VOICES)}")
-    package, rel = BUILTIN_VOICES[name]
-    return os.path.join(_package_dir(package, package.replace("_", "-")), rel)
+    return _resolve(model, BUILTIN_VOICES, "voice")
 
 
 def image_dir(model: str, state_dir: str) -> str:

@@ -11,6 +11,7 @@ from typing import Any
 
 from .. import builtin
 from .base import Engine, EngineUnavailable, JobControl
+from .torch_device import place
 
 
 class DiffusersEngine(Engine):
@@ -32,14 +33,7 @@ class DiffusersEngine(Engine):
         if not os.path.isfile(os.path.join(path, "model_index.json")):
             raise EngineUnavailable(f"{path} is not a diffusers model directory "
                                     f"(no model_index.json)")
-        torch.set_num_threads(self.ctx.threads)
-        cuda = self.ctx.device in ("cuda", "auto") and torch.cuda.is_available()
-        self.device = "cuda" if cuda else "cpu"
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
-            self.domain["dtype"], torch.float16 if cuda else torch.float32)
-        if cuda:
-            # the image share of the GPU ([resources.gpu_allocation].image), per process
-            torch.cuda.set_per_process_memory_fraction(self.ctx.gpu_share, 0)
+        self.device, dtype = place(torch, self.ctx, self.domain["dtype"])
         try:
             self.pipe = AutoPipelineForText2Image.from_pretrained(
                 path, torch_dtype=dtype, local_files_only=True)

@@ -14,6 +14,7 @@ from .. import builtin
 from ..protocol import Code
 from .base import Cancelled, Engine, EngineUnavailable, JobControl, JobError
 from .llm_common import chat_messages, finish_stats
+from .torch_device import place
 
 
 class TransformersEngine(Engine):
@@ -38,14 +39,7 @@ class TransformersEngine(Engine):
             from transformers import AutoModelForCausalLM, AutoTokenizer
         except ImportError as exc:
             raise EngineUnavailable(f"transformers/torch are not installed: {exc}")
-        torch.set_num_threads(self.ctx.threads)
-        cuda = self.ctx.device in ("cuda", "auto") and torch.cuda.is_available()
-        self.device = "cuda" if cuda else "cpu"
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
-            self.domain["dtype"], torch.float16 if cuda else torch.float32)
-        if cuda:
-            # the LLM share of the GPU ([resources.gpu_allocation].llm), per process
-            torch.cuda.set_per_process_memory_fraction(self.ctx.gpu_share, 0)
+        self.device, dtype = place(torch, self.ctx, self.domain["dtype"])
         kw: dict[str, Any] = {"local_files_only": True}
         if gguf_file:
             kw["gguf_file"] = gguf_file
