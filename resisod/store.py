@@ -37,7 +37,7 @@ def m001_jobs(db: sqlite3.Connection) -> None:
             detached     INTEGER NOT NULL DEFAULT 0,
             result       BLOB,
             error        BLOB
-        )""")
+        ) WITHOUT ROWID""")
     # no secondary indexes: they are read only at start-up and by the minutely TTL sweep,
     # but would cost pages on every commit of the hot path
 
@@ -70,6 +70,8 @@ class JobStore:
         self.db.execute("PRAGMA wal_autocheckpoint=4000")
         self.migrate()
         self.dirty = False
+        self.pending: dict[str, Job] = {}
+        self.deadlines: dict[str, float | None] = {}
 
     def migrate(self) -> None:
         self.db.execute("CREATE TABLE IF NOT EXISTS migrations "
@@ -86,27 +88,34 @@ class JobStore:
     def versions(self) -> list[tuple[int, str]]:
         return list(self.db.execute("SELECT version, name FROM migrations ORDER BY version"))
 
-    # --- writes (committed by `commit`) ------------------------------------------------------
+    # --- writes (made by `commit`) ------------------------------------------------------------
+    # A job changed several times in one loop iteration (accepted, then dispatched) is written
+    # once, as it stands at the commit: one upsert per job per iteration.
     def insert(self, job: Job, deadline_at: float | None) -> None:
-        self.db.execute(
-            "INSERT INTO jobs (task_id, seq, domain, kind, priority, state, params, created_at,"
-            " deadline_at, detached) VALUES (?,?,?,?,?,?,?,?,?,?)",
-            (job.task_id, job.seq, job.domain, job.kind, job.priority, job.state,
-             _pack(job.params), job.created_at, deadline_at, int(job.detached)))
-        self.dirty = True
+        self.deadlines[job.task_id] = deadline_at
+        self.pending[job.task_id] = job
 
     def update(self, job: Job) -> None:
-        self.db.execute(
-            "UPDATE jobs SET state=?, started_at=?, finished_at=?, attempts=?, interrupted=?,"
-            " result=?, error=? WHERE task_id=?",
-            (job.state, job.started_at, job.finished_at, job.attempts, job.interrupted,
-             _pack(job.result), _pack(job.error), job.task_id))
-        self.dirty = True
+        self.pending[job.task_id] = job
 
     def commit(self) -> None:
-        if self.dirty:
-            self.db.commit()
-            self.dirty = False
+        if not self.pending and not self.dirty:
+            return
+        if self.pending:
+            rows = [(j.task_id, j.seq, j.domain, j.kind, j.priority, j.state, _pack(j.params),
+                     j.created_at, j.started_at, j.finished_at,
+                     self.deadlines.pop(j.task_id, None), j.attempts, j.interrupted,
+                     int(j.detached), _pack(j.result), _pack(j.error))
+                    for j in self.pending.values()]
+            self.db.executemany(
+                "INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                "ON CONFLICT(task_id) DO UPDATE SET state=excluded.state, "
+                "started_at=excluded.started_at, finished_at=excluded.finished_at, "
+                "attempts=excluded.attempts, interrupted=excluded.interrupted, "
+                "result=excluded.result, error=excluded.error", rows)
+            self.pending.clear()
+        self.db.commit()
+        self.dirty = False
 
     # --- reads -------------------------------------------------------------------------------
     def _job(self, row: tuple) -> tuple[Job, float | None]:
@@ -144,6 +153,7 @@ class JobStore:
         return [self._job(r)[0] for r in rows]
 
     def delete(self, task_ids: list[str]) -> None:
+        self.commit()
         self.db.executemany("DELETE FROM jobs WHERE task_id=?", [(t,) for t in task_ids])
         self.dirty = True
 
