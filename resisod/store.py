@@ -1,14 +1,21 @@
-"""The job store: SQLite in WAL mode under the state dir.
+"""The job store: an append-only journal in front of SQLite (WAL) under the state dir.
 
-Writes are grouped: the daemon writes rows while it handles a batch of messages and commits
-once before it sends any `accepted` of that batch, so every accepted job is on disk without
-paying one commit per job. The schema evolves through ordered migrations recorded in
-`migrations`.
+On the daemon's hot path a loop iteration's changed jobs are appended to `jobs.db.journal`
+with one write() — in the kernel's page cache, so they survive the daemon being killed — and
+only then do clients hear about them. A writer thread applies the same rows to SQLite in
+groups, fsyncs the journal at most once a second, and truncates it once everything in it is
+in the database. At start-up whatever the journal still holds is replayed into SQLite first.
+
+SQLite is where jobs are queried (restart recovery, `get` of old jobs, the TTL sweep). The
+schema evolves through ordered migrations recorded in `migrations`.
 """
 from __future__ import annotations
 
 import os
+import queue
 import sqlite3
+import struct
+import threading
 import time
 from typing import Any, Callable, Iterator
 
@@ -16,6 +23,18 @@ import msgpack
 
 from .jobs import Job
 from .protocol import JobState
+
+JOURNAL_TRUNCATE_BYTES = 1 << 20
+FSYNC_EVERY_S = 1.0
+# the writer applies what accumulated at this pace: waking it for every loop iteration
+# would make it fight the daemon's thread for the interpreter on every job
+APPLY_EVERY_S = 0.1
+UPSERT = ("INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+          "ON CONFLICT(task_id) DO UPDATE SET state=excluded.state, "
+          "started_at=excluded.started_at, finished_at=excluded.finished_at, "
+          "attempts=excluded.attempts, interrupted=excluded.interrupted, "
+          "result=excluded.result, error=excluded.error")
+FRAME = struct.Struct("<I")
 
 
 def m001_jobs(db: sqlite3.Connection) -> None:
@@ -39,7 +58,7 @@ def m001_jobs(db: sqlite3.Connection) -> None:
             error        BLOB
         ) WITHOUT ROWID""")
     # no secondary indexes: they are read only at start-up and by the minutely TTL sweep,
-    # but would cost pages on every commit of the hot path
+    # but would cost pages on every write
 
 
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [m001_jobs]
@@ -53,25 +72,53 @@ def _unpack(v: bytes | None) -> Any:
     return None if v is None else msgpack.unpackb(v, raw=False)
 
 
+def read_journal(path: str) -> list[list]:
+    """The row batches in a journal; a torn last frame (a crash mid-write) is ignored."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return []
+    batches, pos = [], 0
+    while pos + FRAME.size <= len(data):
+        (n,) = FRAME.unpack_from(data, pos)
+        if pos + FRAME.size + n > len(data):
+            break
+        try:
+            batches.append(msgpack.unpackb(data[pos + FRAME.size:pos + FRAME.size + n],
+                                           raw=False))
+        except Exception:
+            break
+        pos += FRAME.size + n
+    return batches
+
+
 class JobStore:
     def __init__(self, path: str):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         self.path = path
-        # autocommit off: the daemon decides when a batch of writes is committed
         self.db = sqlite3.connect(path, isolation_level="DEFERRED", check_same_thread=False)
-        # the daemon is the store's only user (its lock file guarantees one daemon): exclusive
-        # locking keeps the WAL index in process memory and skips a lock dance per commit
+        # the daemon is the store's only user (its socket lock guarantees one daemon):
+        # exclusive locking keeps the WAL index in process memory
         self.db.execute("PRAGMA locking_mode=EXCLUSIVE")
         self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across crashes
-        self.db.execute("PRAGMA busy_timeout=5000")
-        # checkpoints fsync; let the WAL grow (16 MB) and checkpoint from the daemon's idle
-        # sweep instead of in the middle of a burst of jobs
+        self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA wal_autocheckpoint=4000")
+        self.db_lock = threading.Lock()     # the connection is shared with the writer thread
         self.migrate()
-        self.dirty = False
+        self.journal_path = path + ".journal"
+        self.replay()
+        self.jfd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self.journal_lock = threading.Lock()  # append vs truncate
+        self.appended = self.applied = 0
+        self.applied_cv = threading.Condition()
+        self.flushing = threading.Event()   # set while someone waits for the writer
         self.pending: dict[str, Job] = {}
         self.deadlines: dict[str, float | None] = {}
+        self.batches: queue.SimpleQueue = queue.SimpleQueue()
+        self.writer = threading.Thread(target=self._apply_loop, name="store-writer",
+                                       daemon=True)
+        self.writer.start()
 
     def migrate(self) -> None:
         self.db.execute("CREATE TABLE IF NOT EXISTS migrations "
@@ -85,12 +132,18 @@ class JobStore:
                             (version, migration.__name__, time.time()))
         self.db.commit()
 
-    def versions(self) -> list[tuple[int, str]]:
-        return list(self.db.execute("SELECT version, name FROM migrations ORDER BY version"))
+    def replay(self) -> None:
+        batches = read_journal(self.journal_path)
+        if batches:
+            for rows in batches:
+                self.db.executemany(UPSERT, rows)
+            self.db.commit()
+        if os.path.exists(self.journal_path):
+            os.truncate(self.journal_path, 0)
 
-    # --- writes (made by `commit`) ------------------------------------------------------------
+    # --- writes -------------------------------------------------------------------------------
     # A job changed several times in one loop iteration (accepted, then dispatched) is written
-    # once, as it stands at the commit: one upsert per job per iteration.
+    # once, as it stands at the commit.
     def insert(self, job: Job, deadline_at: float | None) -> None:
         self.deadlines[job.task_id] = deadline_at
         self.pending[job.task_id] = job
@@ -99,25 +152,65 @@ class JobStore:
         self.pending[job.task_id] = job
 
     def commit(self) -> None:
-        if not self.pending and not self.dirty:
+        """Make the iteration's changes durable (one journal write) before clients hear."""
+        if not self.pending:
             return
-        if self.pending:
-            rows = [(j.task_id, j.seq, j.domain, j.kind, j.priority, j.state, _pack(j.params),
-                     j.created_at, j.started_at, j.finished_at,
-                     self.deadlines.pop(j.task_id, None), j.attempts, j.interrupted,
-                     int(j.detached), _pack(j.result), _pack(j.error))
-                    for j in self.pending.values()]
-            self.db.executemany(
-                "INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
-                "ON CONFLICT(task_id) DO UPDATE SET state=excluded.state, "
-                "started_at=excluded.started_at, finished_at=excluded.finished_at, "
-                "attempts=excluded.attempts, interrupted=excluded.interrupted, "
-                "result=excluded.result, error=excluded.error", rows)
-            self.pending.clear()
-        self.db.commit()
-        self.dirty = False
+        rows = [(j.task_id, j.seq, j.domain, j.kind, j.priority, j.state, _pack(j.params),
+                 j.created_at, j.started_at, j.finished_at, self.deadlines.pop(j.task_id, None),
+                 j.attempts, j.interrupted, int(j.detached), _pack(j.result), _pack(j.error))
+                for j in self.pending.values()]
+        self.pending.clear()
+        frame = msgpack.packb(rows, use_bin_type=True)
+        with self.journal_lock:
+            os.write(self.jfd, FRAME.pack(len(frame)) + frame)
+            self.appended += 1
+        self.batches.put(rows)
 
-    # --- reads -------------------------------------------------------------------------------
+    def _apply_loop(self) -> None:
+        last_sync = time.monotonic()
+        while True:
+            rows = self.batches.get()
+            if rows is None:
+                return
+            if not self.flushing.is_set():
+                self.flushing.wait(APPLY_EVERY_S)
+            groups = [rows]
+            while True:  # everything that queued up meanwhile goes in the same transaction
+                try:
+                    more = self.batches.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self.batches.put(None)
+                    break
+                groups.append(more)
+            with self.db_lock:
+                for g in groups:
+                    self.db.executemany(UPSERT, g)
+                self.db.commit()
+            now = time.monotonic()
+            if now - last_sync >= FSYNC_EVERY_S:
+                os.fdatasync(self.jfd)
+                last_sync = now
+            with self.journal_lock:
+                self.applied += len(groups)
+                if self.applied == self.appended and \
+                        os.fstat(self.jfd).st_size > JOURNAL_TRUNCATE_BYTES:
+                    os.ftruncate(self.jfd, 0)  # all of it is in SQLite now
+            with self.applied_cv:
+                self.applied_cv.notify_all()
+
+    def flush(self) -> None:
+        """Wait until SQLite holds everything committed so far."""
+        self.commit()
+        self.flushing.set()
+        try:
+            with self.applied_cv:
+                self.applied_cv.wait_for(lambda: self.applied >= self.appended, timeout=30)
+        finally:
+            self.flushing.clear()
+
+    # --- reads (SQLite) -------------------------------------------------------------------------
     def _job(self, row: tuple) -> tuple[Job, float | None]:
         (task_id, seq, domain, kind, priority, state, params, created_at, started_at,
          finished_at, deadline_at, attempts, interrupted, detached, result, error) = row
@@ -129,39 +222,50 @@ class JobStore:
         job.interrupted = interrupted
         return job, deadline_at
 
+    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self.db_lock:
+            return list(self.db.execute(sql, args))
+
     def unfinished(self) -> Iterator[tuple[Job, float | None]]:
         """Queued and running jobs, in their original order."""
-        for row in self.db.execute("SELECT * FROM jobs WHERE state IN (?, ?) ORDER BY seq",
-                                   (JobState.QUEUED, JobState.RUNNING)):
+        for row in self._query("SELECT * FROM jobs WHERE state IN (?, ?) ORDER BY seq",
+                               (JobState.QUEUED, JobState.RUNNING)):
             yield self._job(row)
 
     def recent_finished(self, limit: int) -> list[Job]:
-        rows = self.db.execute("SELECT * FROM jobs WHERE finished_at IS NOT NULL "
-                               "ORDER BY seq DESC LIMIT ?", (limit,))
+        rows = self._query("SELECT * FROM jobs WHERE finished_at IS NOT NULL "
+                           "ORDER BY seq DESC LIMIT ?", (limit,))
         return [self._job(r)[0] for r in rows][::-1]
 
     def get(self, task_id: str) -> Job | None:
-        row = self.db.execute("SELECT * FROM jobs WHERE task_id=?", (task_id,)).fetchone()
-        return self._job(row)[0] if row else None
+        rows = self._query("SELECT * FROM jobs WHERE task_id=?", (task_id,))
+        return self._job(rows[0])[0] if rows else None
 
     def max_seq(self) -> int:
-        return self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM jobs").fetchone()[0]
+        return self._query("SELECT COALESCE(MAX(seq), 0) FROM jobs")[0][0]
 
     def expired(self, before: float) -> list[Job]:
-        rows = self.db.execute("SELECT * FROM jobs WHERE finished_at IS NOT NULL AND "
-                               "finished_at < ?", (before,))
+        rows = self._query("SELECT * FROM jobs WHERE finished_at IS NOT NULL AND "
+                           "finished_at < ?", (before,))
         return [self._job(r)[0] for r in rows]
 
     def delete(self, task_ids: list[str]) -> None:
-        self.commit()
-        self.db.executemany("DELETE FROM jobs WHERE task_id=?", [(t,) for t in task_ids])
-        self.dirty = True
+        self.flush()  # a queued upsert must not bring a deleted row back
+        with self.db_lock:
+            self.db.executemany("DELETE FROM jobs WHERE task_id=?", [(t,) for t in task_ids])
+            self.db.commit()
 
     def checkpoint(self) -> None:
-        self.commit()
-        self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        with self.db_lock:
+            self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def close(self) -> None:
-        self.commit()
-        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        self.db.close()
+        self.flush()
+        self.batches.put(None)
+        self.writer.join(30)
+        with self.db_lock:
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self.db.close()
+        os.fsync(self.jfd)
+        os.ftruncate(self.jfd, 0)  # everything is in the database
+        os.close(self.jfd)
