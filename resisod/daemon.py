@@ -633,7 +633,7 @@ class Daemon:
             for ident, rid in job.streaming_watchers():
                 self.send(ident, event(Event.STARTED, rid, task_id=job.task_id,
                                        attempt=job.attempts, worker=slot.name))
-            job._dispatched = now  # type: ignore[attr-defined]
+            job.step_mark = now
             if domain.kind == "image":
                 # slow jobs: whoever waits behind this one hears its new position at once
                 # (fast domains get positions from the periodic sweep)
@@ -649,11 +649,9 @@ class Daemon:
         domain = self.domains[job.domain]
         if name == Event.PROGRESS:
             now = self.clock()
-            last = getattr(job, "_last_step", None)
-            step_start = last if last is not None else job._dispatched  # type: ignore
             if fields.get("step", 0) > 0:
-                domain.learn_step((now - step_start) * 1000)
-            job._last_step = now  # type: ignore[attr-defined]
+                domain.learn_step((now - job.step_mark) * 1000)
+            job.step_mark = now
             est = domain.step_ms or 0.0
             left = max(0, fields.get("total", 0) - fields.get("step", 0))
             fields["estimated_time_remaining_ms"] = round(est * left)
@@ -662,6 +660,7 @@ class Daemon:
             job.paused = True
         elif name == Event.RESUMED:
             job.paused = False
+            job.step_mark = self.clock()  # time spent paused is not step time
         for ident, rid in job.streaming_watchers():
             self.send(ident, event(name, rid, task_id=job.task_id, **fields))
 

@@ -50,6 +50,7 @@ class Job:
     cancel_reason: str = ""             # "timeout" / "client_gone" / "shutdown": how to report it
     detached: bool = False              # submitted without a streaming client: never auto-cancel
     last_position: int = -1             # the queue position last told to watchers
+    step_mark: float = 0.0              # monotonic time of dispatch, then of the last step
     seq: int = 0                        # FIFO order within a priority class
 
     def streaming_watchers(self) -> Any:
