@@ -210,14 +210,14 @@ def test_metrics_parse_and_count_requests(gw):
     assert done[(("domain", "tts"), ("kind", "tts"), ("outcome", "completed"))] >= 1
 
 
-def test_schemathesis_finds_no_server_errors(gw):
+def test_schemathesis_finds_no_server_errors(gw, tmp_path):
     st = os.path.join(BIN, "schemathesis")
     if not os.path.exists(st):
         pytest.skip("schemathesis is not installed")
     r = subprocess.run([st, "run", gw.base + "/openapi.json", "--checks",
                         "not_a_server_error", "--max-examples", "15", "--request-timeout", "60",
                         "--generation-deterministic", "--exclude-path", "/metrics"],
-                       capture_output=True, text=True, timeout=900)
+                       capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
 
 
