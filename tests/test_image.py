@@ -9,7 +9,7 @@ import pytest
 
 from resiso_cli.client import Rejected
 
-from .conftest import BIN, wait_for
+from .conftest import BIN
 
 IMAGE_CONFIG = """
 [daemon]

@@ -12,7 +12,7 @@ import pytest
 
 from resiso_cli.client import Rejected
 
-from .conftest import BIN, wait_for
+from .conftest import BIN
 
 LLM_CONFIG = """
 [daemon]

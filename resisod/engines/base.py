@@ -9,7 +9,6 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..protocol import Code
 
 
 class JobError(Exception):
