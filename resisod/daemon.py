@@ -350,6 +350,10 @@ class Daemon:
             self.ops[op](ident, rid, msg)
         except ProtocolError as exc:
             self.send(ident, error(rid, exc.code, exc.message))
+        except Exception:  # a bug must cost one request, never the daemon
+            log.exception("request handling failed")
+            self.send(ident, error(rid, Code.BAD_REQUEST, "the request could not be handled "
+                                   "(the daemon logged the details)"))
 
     def on_worker(self, ident: bytes, frames: list[bytes]) -> None:
         slot = self.supervisor.by_identity.get(ident)
@@ -561,10 +565,12 @@ class Daemon:
         rids = field(msg, "rids", list, default=[])
         now = self.clock()
         for r in rids[:4096]:
+            if isinstance(r, bool) or not isinstance(r, (int, str)):
+                continue  # not a request id this daemon could have handed out
             job = self.watch_index.get((ident, r))
             if job is not None and (ident, r) in job.watchers:
                 job.watchers[(ident, r)] = now
-            elif isinstance(r, (int, str)) and not isinstance(r, bool):
+            else:
                 # dropped after a silence (or never watched): say so, so the stream ends
                 self.send(ident, error(r, Code.NOT_FOUND, "this request no longer watches a "
                                        "job (it was dropped after the client went silent)"))

@@ -297,3 +297,20 @@ kind = "null"
         assert exc.value.code == "engine_unavailable"
         assert st["domains"]["good"]["state"] == "ready"
         assert c.submit("", {"text": "fine"}, domain="good").wait()["result"] == "fine"
+
+
+def test_alive_with_odd_request_ids_is_harmless(null_daemon):
+    # found by the fuzz test: unhashable ids in `alive` once took the daemon down
+    s = raw_socket(null_daemon.socket)
+    try:
+        s.send(msgpack.packb({"v": VERSION, "op": "alive", "rid": 1,
+                              "rids": [[1, 2], {"a": 1}, None, True, 7]}))
+        s.send(msgpack.packb({"v": VERSION, "op": "ping", "rid": "probe"}))
+        while True:
+            reply = msgpack.unpackb(s.recv(), raw=False)
+            if reply.get("rid") == "probe":
+                break
+            assert reply["event"] == "error" and reply["rid"] == 7  # only the real id
+        assert reply["pong"] is True
+    finally:
+        s.close(0)
