@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from .protocol import KIND_PREFIX, PRIORITY_ORDER, JobState
+from .protocol import FINISHED_STATES, KIND_PREFIX, PRIORITY_ORDER, JobState
 
 # seeded from the OS once: a getrandom() syscall per job is measurable at thousands of jobs/s
 _rng = random.Random(os.urandom(16))
@@ -61,8 +61,7 @@ class Job:
 
     @property
     def finished(self) -> bool:
-        return self.state in (JobState.COMPLETED, JobState.FAILED,
-                              JobState.CANCELLED)
+        return self.state in FINISHED_STATES
 
     def record(self) -> dict[str, Any]:
         """The job as clients see it (seed API field names)."""

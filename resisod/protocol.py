@@ -123,7 +123,6 @@ class JobState:
 
 
 FINISHED_STATES = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED})
-CODES = _values(Code)
 
 KIND_PREFIX = {"llm": "llm", "tts": "tts", "image": "img", "null": "nul"}
 
