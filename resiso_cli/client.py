@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import math
 import os
 import time
 from typing import Any, Iterator
@@ -20,6 +21,8 @@ import zmq
 
 from resisod.paths import _answers, client_socket
 from resisod.protocol import FINAL_EVENTS, HARD_FRAME_LIMIT, Event, Op, pack, request, unpack
+
+RCVTIMEO = int(zmq.RCVTIMEO)
 
 
 class DaemonUnreachable(Exception):
@@ -53,6 +56,7 @@ class Client:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, HARD_FRAME_LIMIT)
         self.sock.connect(f"ipc://{self.path}")
+        self._rcvtimeo = -1
         self._rids = itertools.count(1)
         self._inbox: dict[Any, collections.deque] = collections.defaultdict(collections.deque)
 
@@ -77,11 +81,20 @@ class Client:
         if box:
             return box.popleft()
         deadline = None if timeout is None else time.monotonic() + timeout
+        sock = self.sock
         while True:
-            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not self.sock.poll(None if wait is None else wait * 1000):
+            # a blocking recv with a receive timeout: one wake-up per event, where poll-then-
+            # recv costs a poller per call
+            wait = -1 if deadline is None else \
+                max(0, math.ceil((deadline - time.monotonic()) * 1000))
+            if wait != self._rcvtimeo:
+                sock.setsockopt(RCVTIMEO, wait)
+                self._rcvtimeo = wait
+            try:
+                frame = sock.recv()
+            except zmq.Again:
                 return None
-            msg = unpack(self.sock.recv(), max_bytes=HARD_FRAME_LIMIT)
+            msg = unpack(frame, max_bytes=HARD_FRAME_LIMIT)
             if msg.get("rid") == rid:
                 return msg
             self._inbox[msg.get("rid")].append(msg)
@@ -127,34 +140,61 @@ class Client:
         stream's `accepted` holds the task id, queue position and estimate. With
         stream=False the job is detached: iterate nothing, `watch` it later. With
         partials=False only `accepted` and the final event arrive."""
-        fields: dict[str, Any] = {"kind": kind, "params": params, "stream": stream}
+        fields = self._submit_fields(kind, params, domain, priority, timeout_ms)
+        fields["stream"] = stream
         if not partials:
             fields["partials"] = False
+        rid = self.send(Op.SUBMIT, **fields)
+        return JobStream(self, rid)
+
+    def run(self, kind: str, params: dict[str, Any], *, domain: str | None = None,
+            priority: str | None = None, timeout_ms: int | None = None) -> dict[str, Any]:
+        """Submit a job and block until it ends; returns its final event (`result`,
+        `error` with the job's `task_id`, or `cancelled`). The daemon sends nothing else for
+        it — no `accepted`, no partials — so this is the cheapest way to run a job. Raises
+        Rejected if the daemon refuses the job."""
+        fields = self._submit_fields(kind, params, domain, priority, timeout_ms)
+        rid = self.send(Op.SUBMIT, ack=False, partials=False, **fields)
+        stream = JobStream(self, rid, acked=False)
+        final = stream.wait()
+        if final["event"] == Event.ERROR and "task_id" not in final:
+            raise Rejected(final)  # refused before it became a job
+        return final
+
+    @staticmethod
+    def _submit_fields(kind: str, params: dict[str, Any], domain: str | None,
+                       priority: str | None, timeout_ms: int | None) -> dict[str, Any]:
+        fields: dict[str, Any] = {"kind": kind, "params": params}
         if domain:
             fields["domain"] = domain
         if priority:
             fields["priority"] = priority
         if timeout_ms is not None:
             fields["timeout_ms"] = timeout_ms
-        rid = self.send(Op.SUBMIT, **fields)
-        return JobStream(self, rid, Op.SUBMIT)
+        return fields
 
     def watch(self, task_id: str) -> "JobStream":
         rid = self.send(Op.WATCH, task_id=task_id)
-        return JobStream(self, rid, Op.WATCH)
+        return JobStream(self, rid)
 
 
 class JobStream:
-    """Events of one job, ending with its final event (kept in `final`)."""
+    """Events of one job, ending with its final event (kept in `final`).
 
-    def __init__(self, client: Client, rid: int, op: str):
+    `acked=False` is a request the daemon answers with the final event only: nothing is
+    read up front and the task id becomes known with that event."""
+
+    def __init__(self, client: Client, rid: int, *, acked: bool = True):
         self.client = client
         self.rid = rid
         self.final: dict[str, Any] | None = None
         self.task_id: str | None = None
+        self.accepted: dict[str, Any] | None = None
         self.alive_s = 0.5
         self._pending: collections.deque = collections.deque()
         self._last_alive = time.monotonic()
+        if not acked:
+            return
         first = self._next(client.timeout)
         if first["event"] == Event.ERROR and "task_id" not in first:
             raise Rejected(first)  # refused before it became a job
@@ -189,6 +229,7 @@ class JobStream:
             ev = self._pending.popleft() if self._pending else self._next(None)
             if ev.get("event") in FINAL_EVENTS:
                 self.final = ev
+                self.task_id = self.task_id or ev.get("task_id")
             yield ev
 
     def wait(self) -> dict[str, Any]:

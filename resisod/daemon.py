@@ -11,6 +11,7 @@ import collections
 import gc
 import itertools
 import logging
+import math
 import os
 import signal
 import time
@@ -30,6 +31,7 @@ from .protocol import (HARD_FRAME_LIMIT, HEARTBEAT_SUFFIX, PRIORITY_ORDER, Code,
 from .supervisor import SlotState, Supervisor
 
 log = logging.getLogger("resisod")
+jlog = logsetup.JobLines(log)  # job transitions: formatted at the tick's flush, not inline
 
 TICK_S = 0.05
 POSITION_UPDATE_S = 0.25
@@ -258,7 +260,9 @@ class Daemon:
         poller.register(self.workers, zmq.POLLIN)
         while True:
             now = self.clock()
-            ready = dict(poller.poll(max(0.0, self.next_tick - now) * 1000))
+            # whole milliseconds, rounded up: pyzmq truncates, and a 0 ms timeout in the last
+            # millisecond before a tick would spin the loop
+            ready = dict(poller.poll(max(0, math.ceil((self.next_tick - now) * 1000))))
             if self.client in ready:
                 self.drain(self.client, self.on_client)
             if self.workers in ready:
@@ -441,6 +445,12 @@ class Daemon:
         stream = field(msg, "stream", bool, default=True)
         # partials=false: a streaming client that wants only `accepted` and the final event
         partials = field(msg, "partials", bool, default=True)
+        # ack=false: no `accepted`; the request's one answer is the job's final event (which
+        # carries the task id), for callers that only block on the result
+        ack = field(msg, "ack", bool, default=True)
+        if not (ack or stream):
+            raise ProtocolError(Code.BAD_REQUEST, "'ack': false needs 'stream': true (a "
+                                "detached job's only answer is `accepted`)")
         if len(domain.queue) >= domain.cfg["max_queue"]:
             raise ProtocolError(Code.QUEUE_FULL, f"domain {domain.name!r} has "
                                 f"{len(domain.queue)} jobs queued (max_queue); retry later")
@@ -466,12 +476,13 @@ class Daemon:
         self.dispatch_due = True
         position = self.position(job)
         job.last_position = position
-        self.send(ident, event(Event.ACCEPTED, rid, task_id=job.task_id,
-                               status=JobState.QUEUED, position=position,
-                               estimated_time_ms=round(self.wait_estimate(job, now)),
-                               alive_ms=round(self.hb * 1000)))
-        log.info("job %s accepted domain=%s priority=%s position=%d", job.task_id,
-                 domain.name, priority, position)
+        if ack:
+            self.send(ident, event(Event.ACCEPTED, rid, task_id=job.task_id,
+                                   status=JobState.QUEUED, position=position,
+                                   estimated_time_ms=round(self.wait_estimate(job, now)),
+                                   alive_ms=round(self.hb * 1000)))
+        jlog.info("job %s accepted domain=%s priority=%s position=%d", job.task_id,
+                  domain.name, priority, position)
         log.debug("job %s params %r", job.task_id, p)
 
     def position(self, job: Job) -> int:
@@ -644,7 +655,9 @@ class Daemon:
                 # slow jobs: whoever waits behind this one hears its new position at once
                 # (fast domains get positions from the periodic sweep)
                 self.send_positions(now, (domain,))
-            log.info("job %s started worker=%s attempt=%d", job.task_id, slot.name, job.attempts)
+            jlog.info("job %s started domain=%s worker=%s attempt=%d waited_ms=%.0f",
+                      job.task_id, domain.name, slot.name, job.attempts,
+                      (job.started_at - job.created_at) * 1000)
 
     def on_partial(self, slot: Any, msg: dict[str, Any]) -> None:
         job = slot.job
@@ -759,9 +772,10 @@ class Daemon:
             self.jobs.pop(self.finished_order.popleft(), None)
         took = (job.finished_at - job.created_at) * 1000
         if error:
-            log.info("job %s %s code=%s total_ms=%.0f", job.task_id, state, error["code"], took)
+            jlog.info("job %s %s domain=%s code=%s total_ms=%.0f", job.task_id, state,
+                      job.domain, error["code"], took)
         else:
-            log.info("job %s %s total_ms=%.0f", job.task_id, state, took)
+            jlog.info("job %s %s domain=%s total_ms=%.0f", job.task_id, state, job.domain, took)
 
     def final_event(self, job: Job, rid: Any) -> dict[str, Any]:
         if job.state == JobState.COMPLETED:

@@ -1,7 +1,9 @@
 """A resource domain at run time: its queue, its running jobs, its numbers."""
 from __future__ import annotations
 
+import bisect
 import collections
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,21 +16,20 @@ BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 
 
 @dataclass
 class Histogram:
-    """Cumulative buckets, as Prometheus wants them."""
-    counts: list[int] = field(default_factory=lambda: [0] * len(BUCKETS))
+    """Per-bucket counts (one increment per observation), exported cumulative as
+    Prometheus wants them."""
+    counts: list[int] = field(default_factory=lambda: [0] * (len(BUCKETS) + 1))
     count: int = 0
     total: float = 0.0
 
     def observe(self, seconds: float) -> None:
         self.count += 1
         self.total += seconds
-        for i, bound in enumerate(BUCKETS):
-            if seconds <= bound:
-                self.counts[i] += 1
+        self.counts[bisect.bisect_left(BUCKETS, seconds)] += 1  # the last slot is +Inf
 
     def export(self) -> dict[str, Any]:
-        return {"bounds": BUCKETS, "cumulative": self.counts, "count": self.count,
-                "sum": self.total}
+        return {"bounds": BUCKETS, "cumulative": list(itertools.accumulate(self.counts[:-1])),
+                "count": self.count, "sum": self.total}
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -103,10 +104,7 @@ class Domain:
     def wait_estimate(self, job: Job, now: float, workers: int) -> float:
         """Time until `job` finishes: the work ahead of it shared over the workers, plus its own."""
         ahead = sum(self.remaining(j, now) for j in self.running)
-        for j in self.queue:
-            if j is job:
-                break
-            ahead += j.estimate_ms
+        ahead += self.queue.estimate_ahead_ms(job)
         return ahead / max(1, workers) + self.estimate(job)
 
     def stats(self) -> dict[str, Any]:

@@ -92,6 +92,9 @@ class DomainQueue:
     def __init__(self) -> None:
         self._classes: dict[str, collections.deque[Job]] = {
             p: collections.deque() for p in PRIORITY_ORDER}
+        # summed estimate_ms per class: the wait estimate of a job just queued is O(1),
+        # not a walk over a queue that may hold thousands
+        self._ms: dict[str, float] = {p: 0.0 for p in PRIORITY_ORDER}
         self._len = 0
 
     def __len__(self) -> int:
@@ -110,13 +113,20 @@ class DomainQueue:
             q.extend(items)
         else:
             q.append(job)
+        self._ms[job.priority] += job.estimate_ms
         self._len += 1
+
+    def _took(self, job: Job) -> None:
+        q = self._classes[job.priority]
+        self._ms[job.priority] = self._ms[job.priority] - job.estimate_ms if q else 0.0
+        self._len -= 1
 
     def pop(self) -> Job | None:
         for p in PRIORITY_ORDER:
             if self._classes[p]:
-                self._len -= 1
-                return self._classes[p].popleft()
+                job = self._classes[p].popleft()
+                self._took(job)
+                return job
         return None
 
     def peek(self) -> Job | None:
@@ -128,18 +138,43 @@ class DomainQueue:
     def remove(self, job: Job) -> bool:
         try:
             self._classes[job.priority].remove(job)
-            self._len -= 1
-            return True
         except ValueError:
             return False
+        self._took(job)
+        return True
 
     def position(self, job: Job) -> int:
+        """Jobs ahead of `job` in this queue; -1 if it is not queued."""
         n = 0
-        for j in self:
-            if j is job:
-                return n
-            n += 1
+        for p in PRIORITY_ORDER:
+            q = self._classes[p]
+            if p == job.priority:
+                # a job just submitted is at the end: look there first
+                if q and q[-1] is job:
+                    return n + len(q) - 1
+                for i, j in enumerate(q):
+                    if j is job:
+                        return n + i
+                return -1
+            n += len(q)
         return -1
+
+    def estimate_ahead_ms(self, job: Job) -> float:
+        """Summed run-time estimates of the jobs queued ahead of `job`."""
+        ahead = 0.0
+        for p in PRIORITY_ORDER:
+            q = self._classes[p]
+            if p != job.priority:
+                ahead += self._ms[p]
+                continue
+            if q and q[-1] is job:
+                return ahead + max(0.0, self._ms[p] - job.estimate_ms)
+            for j in q:
+                if j is job:
+                    break
+                ahead += j.estimate_ms
+            return ahead
+        return ahead
 
     def depth_by_class(self) -> dict[str, int]:
         return {p: len(q) for p, q in self._classes.items()}

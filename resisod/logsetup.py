@@ -48,7 +48,7 @@ class JsonLines(logging.Formatter):
 
 
 class _BatchedHandler:
-    """Handlers that write into a buffer the daemon flushes once per loop iteration.
+    """Handlers that write into a buffer the daemon flushes once per tick.
 
     A flush per record is a syscall per job transition; batching them keeps per-job
     logging off the scheduling hot path while every line still goes out within one tick.
@@ -76,12 +76,57 @@ class BatchedRotatingFileHandler(_BatchedHandler, logging.handlers.RotatingFileH
         super().close()
 
 
-_batched: list[_BatchedHandler] = []
+# Records (and raw job lines) waiting for the next flush, in the order they were logged.
+# Formatting them is left to the flush so a job's request path only appends to a list.
+_pending: list[Any] = []
+_targets: list[Any] = []
+_deferring = False
+
+
+class Deferred(logging.Handler):
+    """The daemon's only root handler: keeps records for `flush()` to format and write."""
+
+    def handle(self, record: logging.LogRecord) -> bool:  # no lock: list.append is atomic
+        _pending.append(record)
+        return True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        _pending.append(record)
 
 
 def flush() -> None:
-    for h in _batched:
+    """Format and write everything logged since the last flush (the daemon calls this per tick)."""
+    if _pending:
+        records = _pending[:]
+        del _pending[:len(records)]
+        # only this function touches the target handlers, from the daemon's loop: their
+        # filters and locks would be per-record overhead for nothing
+        for item in records:
+            record = LeanRecord(*item) if type(item) is tuple else item
+            for h in _targets:
+                if record.levelno >= h.level:
+                    h.emit(record)
+    for h in _targets:
         h.flush_now()
+
+
+class JobLines:
+    """Job transition lines (three per job), cheap enough for thousands of jobs a second.
+
+    In the daemon the line is kept raw and formatted at the next flush, like every other
+    record; elsewhere it is an ordinary logger call.
+    """
+
+    def __init__(self, logger: logging.Logger):
+        self.logger = logger
+
+    def info(self, msg: str, *args: Any) -> None:
+        if self.logger.isEnabledFor(logging.INFO):
+            if _deferring:
+                _pending.append((self.logger.name, logging.INFO, "", 0, msg, args, None,
+                                 None, None, time.time()))
+            else:
+                self.logger.info(msg, *args)
 
 
 class LeanRecord(logging.LogRecord):
@@ -93,13 +138,13 @@ class LeanRecord(logging.LogRecord):
 
     def __init__(self, name: str, level: int, pathname: str, lineno: int, msg: Any,
                  args: Any, exc_info: Any, func: str | None = None, sinfo: str | None = None,
-                 **_: Any):
+                 created: float | None = None, **_: Any):
         self.name, self.msg, self.args = name, msg, args
         self.levelno, self.levelname = level, logging.getLevelName(level)
         self.pathname, self.filename, self.module = pathname, "", ""
         self.exc_info, self.exc_text, self.stack_info = exc_info, None, sinfo
         self.lineno, self.funcName = lineno, func
-        self.created = time.time()
+        self.created = time.time() if created is None else created
         self.msecs = (self.created - int(self.created)) * 1000
         self.relativeCreated = 0.0
         self.thread = self.threadName = self.processName = self.taskName = None
@@ -119,21 +164,27 @@ def configure(cfg: dict[str, Any], *, batched: bool = False) -> None:
     under_journal = bool(os.environ.get("JOURNAL_STREAM"))
     plain = PlainLines(with_time=not under_journal)
     fmt = JsonLines() if cfg["json"] else plain
-    _batched.clear()
+    global _deferring
+    _targets.clear()
+    _deferring = batched
+    handlers: list[logging.Handler] = []
     if batched:
         stream = os.fdopen(os.dup(2), "w", buffering=1 << 16)
         stderr: logging.Handler = BatchedStreamHandler(stream)
-        _batched.append(stderr)  # type: ignore[arg-type]
     else:
         stderr = logging.StreamHandler()
     stderr.setFormatter(fmt)
-    root.addHandler(stderr)
+    handlers.append(stderr)
     if cfg["file"]:
         os.makedirs(os.path.dirname(os.path.abspath(cfg["file"])), exist_ok=True)
         cls = BatchedRotatingFileHandler if batched else logging.handlers.RotatingFileHandler
         fh = cls(cfg["file"], maxBytes=int(cfg["max_size_mb"] * 1024 * 1024),
                  backupCount=cfg["backups"])
-        if batched:
-            _batched.append(fh)  # type: ignore[arg-type]
         fh.setFormatter(fmt if cfg["json"] else PlainLines())
-        root.addHandler(fh)
+        handlers.append(fh)
+    if batched:
+        _targets.extend(handlers)
+        root.addHandler(Deferred())
+    else:
+        for h in handlers:
+            root.addHandler(h)

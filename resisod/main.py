@@ -48,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         daemon.open()
     except (paths.SocketBusy, ValueError, OSError) as exc:
+        logsetup.flush()
         print(f"resisod: {exc}", file=sys.stderr)
         return 1
-    return daemon.run()
+    try:
+        return daemon.run()
+    finally:
+        logsetup.flush()  # what was logged before a crash still reaches the log

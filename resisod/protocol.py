@@ -5,7 +5,9 @@ workers and every client import this module and nothing else defines ops, events
 
 Client -> daemon ops carry ``rid`` (a request id the client picks); every event the daemon
 sends back for that request echoes it, so one client connection can have many requests in
-flight. A job streams zero or more PARTIAL events, then exactly one FINAL event.
+flight. A job streams zero or more PARTIAL events, then exactly one FINAL event. A `submit`
+is answered first with `accepted` unless it says `ack: false`, in which case the final event
+(carrying the task id) is its one reply.
 """
 from __future__ import annotations
 

@@ -184,9 +184,11 @@ class JobStore:
                     self.batches.put(None)
                     break
                 groups.append(more)
+            # rows are whole jobs: only the last state of each job in the group is written,
+            # so a job accepted and finished within one group costs one upsert, not three
+            latest = {row[0]: row for g in groups for row in g}
             with self.db_lock:
-                for g in groups:
-                    self.db.executemany(UPSERT, g)
+                self.db.executemany(UPSERT, latest.values())
                 self.db.commit()
             now = time.monotonic()
             if now - last_sync >= FSYNC_EVERY_S:

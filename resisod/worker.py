@@ -24,9 +24,12 @@ from typing import Any
 import zmq
 
 from . import isolation
+from .engines.base import Cancelled, JobControl, JobError  # the interface only: no model code
 from .protocol import HARD_FRAME_LIMIT, HEARTBEAT_SUFFIX, Code, WorkerMsg, pack, unpack
 
 PR_SET_PDEATHSIG = 1
+# plain ints: pyzmq's enum constants cost an enum lookup per call at every token
+RCVTIMEO, EVENTS, POLLIN = int(zmq.RCVTIMEO), int(zmq.EVENTS), int(zmq.POLLIN)
 
 
 def _die_with_parent() -> None:
@@ -107,13 +110,21 @@ class Worker:
                    "load_ms": (time.monotonic() - t0) * 1000})
         keep_alive = domain.get("keep_alive_s") or None
         loaded = True
+        sock, rcvtimeo = self.sock, -1
         while not self.stopping:
-            if not self.sock.poll(keep_alive * 1000 if (loaded and keep_alive) else None):
+            # a blocking recv (with a timeout while an unload is due): one wake-up per job
+            wait = round(keep_alive * 1000) if (loaded and keep_alive) else -1
+            if wait != rcvtimeo:
+                sock.setsockopt(RCVTIMEO, wait)
+                rcvtimeo = wait
+            try:
+                frame = sock.recv()
+            except zmq.Again:
                 engine.unload()  # idle past keep_alive_s: give the memory back
                 loaded = False
                 self.send({"op": WorkerMsg.UNLOADED})
                 continue
-            msg = unpack(self.sock.recv(), max_bytes=HARD_FRAME_LIMIT)
+            msg = unpack(frame, max_bytes=HARD_FRAME_LIMIT)
             op = msg.get("op")
             if op == WorkerMsg.SHUTDOWN:
                 break
@@ -134,7 +145,6 @@ class Worker:
         return 0
 
     def run_job(self, engine: Any, msg: dict[str, Any]) -> None:
-        from .engines.base import Cancelled, JobControl, JobError
         task_id = msg["task_id"]
         sock = self.sock
 
@@ -161,7 +171,7 @@ class Worker:
     def poll_control(self, control: Any, wait: float) -> None:
         """Read control messages for the running job; wait up to `wait` s for the first."""
         sock = self.sock
-        if not wait and not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        if not wait and not sock.getsockopt(EVENTS) & POLLIN:
             return  # the common case at every token/step: nothing arrived, no syscall
         timeout = wait * 1000
         while sock.poll(timeout):

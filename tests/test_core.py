@@ -314,3 +314,42 @@ def test_alive_with_odd_request_ids_is_harmless(null_daemon):
         assert reply["pong"] is True
     finally:
         s.close(0)
+
+
+def test_ack_false_answers_with_the_final_event_only(null_daemon):
+    s = raw_socket(null_daemon.socket)
+    try:
+        s.send(msgpack.packb({"v": VERSION, "op": "submit", "rid": 1, "kind": "null",
+                              "params": {"steps": 3, "text": "only"}, "ack": False,
+                              "partials": False}))
+        first = msgpack.unpackb(s.recv(), raw=False)
+        assert first["event"] == "result" and first["rid"] == 1
+        assert first["result"] == "only" and first["task_id"].startswith("nul_")
+        # with partials it streams, still without `accepted`
+        s.send(msgpack.packb({"v": VERSION, "op": "submit", "rid": 2, "kind": "null",
+                              "params": {"steps": 2}, "ack": False}))
+        names = []
+        while not names or names[-1] != "result":
+            names.append(msgpack.unpackb(s.recv(), raw=False)["event"])
+        assert names == ["started", "progress", "progress", "result"]
+        # a detached job must be acknowledged: its task id is all its submitter gets
+        s.send(msgpack.packb({"v": VERSION, "op": "submit", "rid": 3, "kind": "null",
+                              "params": {}, "ack": False, "stream": False}))
+        err = msgpack.unpackb(s.recv(), raw=False)
+        assert err["event"] == "error" and err["code"] == "bad_request" and "ack" in err["message"]
+    finally:
+        s.close(0)
+
+
+def test_client_run_returns_final_and_raises_on_rejection(null_daemon):
+    with null_daemon.client() as c:
+        final = c.run("null", {"text": "ran"})
+        assert final["event"] == "result" and final["result"] == "ran"
+        assert c.get(final["task_id"])["status"] == "completed"
+        failed = c.run("null", {"fail": "engine_error"})
+        assert failed["event"] == "error" and failed["code"] == "engine_error"
+        assert failed["task_id"].startswith("nul_")  # a job that ran and failed
+        with pytest.raises(Rejected) as exc:  # refused before it became a job
+            c.run("null", {"steps": -1})
+        assert exc.value.code == "bad_request"
+        assert c.ping()["pong"] is True

@@ -1,0 +1,88 @@
+"""Pure pieces of the daemon that have exact answers: queue bookkeeping, histograms, logs."""
+from __future__ import annotations
+
+import io
+import logging
+
+from resisod import logsetup
+from resisod.domains import BUCKETS, Histogram
+from resisod.jobs import DomainQueue, Job
+
+
+def job(seq: int, priority: str = "normal", ms: float = 10.0) -> Job:
+    j = Job(f"nul_{seq}", "null", "null", {}, priority, seq=seq)
+    j.estimate_ms = ms
+    return j
+
+
+def walk_ahead(q: DomainQueue, target: Job) -> float:
+    total = 0.0
+    for j in q:
+        if j is target:
+            return total
+        total += j.estimate_ms
+    raise AssertionError("not queued")
+
+
+def test_queue_positions_and_wait_sums_match_a_walk():
+    q = DomainQueue()
+    jobs = [job(1, "normal", 10), job(2, "batch", 100), job(3, "realtime", 1),
+            job(4, "normal", 20), job(5, "realtime", 2), job(6, "batch", 200)]
+    for j in jobs:
+        q.push(j)
+        for k in jobs[:jobs.index(j) + 1]:
+            assert q.position(k) == [x for x in q].index(k)
+            assert q.estimate_ahead_ms(k) == walk_ahead(q, k)
+    assert [j.seq for j in q] == [3, 5, 1, 4, 2, 6]
+    assert q.remove(jobs[0]) and not q.remove(jobs[0])
+    assert q.estimate_ahead_ms(jobs[3]) == 3.0  # two realtime jobs ahead, the normal one gone
+    assert q.pop() is jobs[2]
+    assert q.estimate_ahead_ms(jobs[5]) == walk_ahead(q, jobs[5]) == 2 + 20 + 100
+    while q.pop() is not None:
+        pass
+    assert len(q) == 0 and q.position(jobs[1]) == -1
+    late = job(7, "batch", 5)
+    q.push(late)
+    assert q.estimate_ahead_ms(late) == 0.0  # sums reset with an empty class
+
+
+def test_histogram_exports_cumulative_buckets():
+    h = Histogram()
+    for s in (0.001, 0.005, 0.02, 0.02, 3.0, 1000.0):
+        h.observe(s)
+    out = h.export()
+    expect = [sum(1 for s in (0.001, 0.005, 0.02, 0.02, 3.0, 1000.0) if s <= b)
+              for b in BUCKETS]
+    assert out["cumulative"] == expect
+    assert out["count"] == 6 and abs(out["sum"] - 1003.046) < 1e-9
+
+
+def test_deferred_log_keeps_order_and_formats_at_flush():
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, logging.getLogRecordFactory(), logging._srcfile)
+    buf = io.StringIO()
+    logsetup.configure({"level": "INFO", "file": "", "max_size_mb": 1, "backups": 1,
+                        "json": False}, batched=True)
+    try:
+        for h in logsetup._targets:
+            h.setStream(buf)
+        log = logging.getLogger("resisod")
+        lines = logsetup.JobLines(log)
+        state = {"n": 1}
+        lines.info("job %s accepted n=%d", "nul_a", state["n"])
+        log.warning("between")
+        lines.info("job %s completed", "nul_a")
+        log.debug("hidden")
+        assert buf.getvalue() == ""  # nothing formatted or written before the flush
+        logsetup.flush()
+        out = buf.getvalue().splitlines()
+        assert [line.split(" ", 2)[2] for line in out] == [
+            "INFO resisod: job nul_a accepted n=1", "WARNING resisod: between",
+            "INFO resisod: job nul_a completed"]
+    finally:  # the daemon's logging setup is global: give pytest its own back
+        logsetup.configure({"level": "WARNING", "file": "", "max_size_mb": 1, "backups": 1,
+                            "json": False})
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        logging.setLogRecordFactory(saved[2])
+        logging._srcfile = saved[3]
