@@ -82,16 +82,20 @@ class Relay:
             lat.append((time.perf_counter() - t) * 1e6)
         return lat
 
-    def throughput(self, total: int, inflight: int) -> float:
+    def throughput(self, seconds: float, inflight: int) -> float:
         s = self.sock
         t = time.perf_counter()
+        end = t + seconds
         for _ in range(inflight):
             s.send(pack(self.msg))
-        for i in range(total):
+        sent, done = inflight, 0
+        while done < sent:
             unpack(s.recv())
-            if i + inflight < total:
+            done += 1
+            if time.perf_counter() < end:
                 s.send(pack(self.msg))
-        return total / (time.perf_counter() - t)
+                sent += 1
+        return done / (time.perf_counter() - t)
 
     def close(self) -> None:
         self.sock.send(b"stop")
@@ -120,29 +124,35 @@ def resiso_round_trips(c, n: int, mode: str) -> list[float]:
     return lat
 
 
-def resiso_throughput(c, total: int, inflight: int, mode: str) -> float:
-    """Keep `inflight` jobs submitted; count finals."""
+def resiso_throughput(c, seconds: float, inflight: int, mode: str) -> float:
+    """Keep `inflight` jobs submitted for `seconds`; count finals."""
     sock = c.sock
     body = {"kind": "null", "params": {}, "stream": True, **MODES[mode]}
     t = time.perf_counter()
+    end = t + seconds
     for i in range(inflight):
         sock.send(pack({"v": 1, "op": "submit", "rid": f"t{i}", **body}))
     sent, done = inflight, 0
-    while done < total:
+    while done < sent:
         ev = unpack(sock.recv(), max_bytes=1 << 24)
         if ev["event"] in ("result", "error", "cancelled"):
             done += 1
             if ev["event"] != "result":
                 raise RuntimeError(ev)
-            if sent < total:
+            if time.perf_counter() < end:
                 sock.send(pack({"v": 1, "op": "submit", "rid": f"t{sent}", **body}))
                 sent += 1
-    return total / (time.perf_counter() - t)
+    return done / (time.perf_counter() - t)
 
 
 def measure(relay: Relay, n: int, inflight: int, workers: int, mode: str,
-            rounds: int = 10) -> tuple[list[float], list[float], float, float]:
-    """Relay and resiso measured in alternating rounds, so machine noise hits both."""
+            rounds: int = 10, tp_rounds: int = 5, tp_s: float = 1.5
+            ) -> tuple[list[float], list[float], float, float]:
+    """Relay and resiso measured in alternating rounds, so machine noise hits both.
+
+    Throughput rounds last `tp_s` seconds each: the daemon writes jobs to SQLite every
+    0.1 s on a thread of its own, so a round that long carries its own writes; the short
+    pause after it lets the last batch land before the relay's round, not during it."""
     config = f"""
     [daemon]
     heartbeat_ms = 500
@@ -155,11 +165,15 @@ def measure(relay: Relay, n: int, inflight: int, workers: int, mode: str,
     with Daemon(config) as d, d.client() as c:
         resiso_round_trips(c, 200, mode)
         relay.round_trips(200)
+        # latency first, then throughput: a burst leaves the daemon a backlog to write to
+        # SQLite, which would land in the next latency round instead of its own
         for _ in range(rounds):
             r_lat += relay.round_trips(n // rounds)
             j_lat += resiso_round_trips(c, n // rounds, mode)
-            r_rates.append(relay.throughput(4 * n // rounds, inflight))
-            j_rates.append(resiso_throughput(c, 4 * n // rounds, inflight, mode))
+        for _ in range(tp_rounds):
+            r_rates.append(relay.throughput(tp_s / 3, inflight))
+            j_rates.append(resiso_throughput(c, tp_s, inflight, mode))
+            time.sleep(0.2)
     return r_lat, j_lat, median(r_rates), median(j_rates)
 
 
