@@ -352,4 +352,9 @@ def test_client_run_returns_final_and_raises_on_rejection(null_daemon):
         with pytest.raises(Rejected) as exc:  # refused before it became a job
             c.run("null", {"steps": -1})
         assert exc.value.code == "bad_request"
-        assert c.ping()["pong"] is True
+        # a job that outlives the daemon's client-silence limit (1 s here): run() keeps
+        # saying `alive`, so the job is not cancelled as abandoned
+        t0 = time.monotonic()
+        slow = c.run("null", {"steps": 25, "delay_ms": 100, "text": "still here"})
+        assert time.monotonic() - t0 > 2.0
+        assert slow["event"] == "result" and slow["result"] == "still here"
