@@ -135,7 +135,7 @@ DOMAIN_COMMON: dict[str, Key] = {
     "priority": Key("normal", _str(PRIORITIES)),
     "max_queue": Key(64, _int(1, 1000000)),
     "max_memory_mb": Key(0, _int(0)),
-    "keep_alive_s": Key(0.0, _num(0)),
+    "keep_alive_s": Key(0.0, _num(0, 7 * 86400)),  # a week; the worker waits in int32 ms
     "preemptible": Key(False, _bool),
     "timeout_ms": Key(0, _int(0)),
 }

@@ -113,7 +113,7 @@ class Worker:
         sock, rcvtimeo = self.sock, -1
         while not self.stopping:
             # a blocking recv (with a timeout while an unload is due): one wake-up per job
-            wait = round(keep_alive * 1000) if (loaded and keep_alive) else -1
+            wait = min(round(keep_alive * 1000), 2**31 - 1) if (loaded and keep_alive) else -1
             if wait != rcvtimeo:
                 sock.setsockopt(RCVTIMEO, wait)
                 rcvtimeo = wait
