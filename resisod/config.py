@@ -281,8 +281,3 @@ def load(path: str | None) -> dict[str, Any]:
         raise ConfigError([f"{path}: not valid TOML: {exc}"])
     return build(raw)
 
-
-def gpu_share(cfg: dict[str, Any], domain: dict[str, Any]) -> float:
-    """Fraction of a GPU's memory a domain's process may take (from gpu_allocation by kind)."""
-    pct = cfg["resources"]["gpu_allocation"].get(domain["kind"])
-    return (pct if pct is not None else 100) / 100.0

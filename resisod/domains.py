@@ -1,13 +1,16 @@
-"""A resource domain at run time: its queue, its running jobs, its numbers."""
+"""A resource domain at run time: its queue, its running jobs, its numbers, and which domain
+a request names."""
 from __future__ import annotations
 
 import bisect
 import collections
 import itertools
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from .jobs import DomainQueue, Job
+from .protocol import Code, ProtocolError
 
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
@@ -101,11 +104,20 @@ class Domain:
             return max(0.0, est - (now - job.started_at) * 1000)
         return est
 
-    def wait_estimate(self, job: Job, now: float, workers: int) -> float:
+    @property
+    def workers(self) -> int:
+        return self.cfg["workers"]
+
+    def position(self, job: Job) -> int:
+        """How many jobs must finish before this queued one starts (0 = it starts next)."""
+        ahead = self.queue.position(job) + len(self.running)
+        return max(0, ahead - self.workers + 1)
+
+    def wait_estimate(self, job: Job, now: float) -> float:
         """Time until `job` finishes: the work ahead of it shared over the workers, plus its own."""
         ahead = sum(self.remaining(j, now) for j in self.running)
         ahead += self.queue.estimate_ahead_ms(job)
-        return ahead / max(1, workers) + self.estimate(job)
+        return ahead / max(1, self.workers) + self.estimate(job)
 
     def stats(self) -> dict[str, Any]:
         lat = list(self.latencies_ms)
@@ -117,3 +129,42 @@ class Domain:
             "ttft_hist": self.ttft_hist.export(),
             "p50_ms": _percentile(lat, 0.5), "p95_ms": _percentile(lat, 0.95),
         }
+
+
+def served_names(domain_cfg: dict[str, Any]) -> list[str]:
+    """Names a client may use in `model` to pick this domain."""
+    names = [domain_cfg["model"]]
+    if domain_cfg.get("model_name"):
+        names.append(domain_cfg["model_name"])
+    model = domain_cfg["model"]
+    if model.startswith("builtin:"):
+        names.append(model[len("builtin:"):])
+    else:
+        names.append(os.path.basename(model.rstrip("/")))
+    return names
+
+
+def pick(domains: dict[str, Domain], name: str | None, kind: str | None,
+         model: Any) -> Domain:
+    """The domain a request names: by `domain`, else the first of its `kind` serving `model`."""
+    if name is not None:
+        if name not in domains:
+            raise ProtocolError(Code.BAD_REQUEST, f"no domain {name!r}; configured: "
+                                f"{', '.join(sorted(domains)) or 'none'}")
+        return domains[name]
+    if kind is None:
+        raise ProtocolError(Code.BAD_REQUEST, "field 'kind' is required")
+    candidates = [d for d in domains.values() if d.kind == kind]
+    if not candidates:
+        raise ProtocolError(Code.BAD_REQUEST, f"no domain serves kind {kind!r}; served "
+                            f"kinds: {', '.join(sorted({d.kind for d in domains.values()}))}")
+    if model:
+        if not isinstance(model, str):
+            raise ProtocolError(Code.BAD_REQUEST, "'model' must be a string")
+        for d in candidates:
+            if model in served_names(d.cfg):
+                return d
+        names = sorted(n for d in candidates for n in served_names(d.cfg))
+        raise ProtocolError(Code.BAD_REQUEST, f"model {model!r} is not served; served "
+                            f"{kind} models: {', '.join(names)}")
+    return candidates[0]

@@ -1,4 +1,5 @@
-"""Kernel-level isolation of a resource domain: CPU sets, thread counts, scheduling class.
+"""Kernel-level isolation of a resource domain: CPU sets, thread counts, scheduling class
+(devices and GPU shares are `devices.py`'s).
 
 The supervisor computes a layout and the environment before it starts a worker; the worker
 applies the rest to itself before it imports any model library (thread pools read their
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import os
 from typing import Any
+
+from . import devices
 
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
               "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
@@ -71,24 +74,14 @@ def scheduling_class(domain: dict[str, Any], isolate: bool = True) -> str:
     return {"realtime": "normal", "normal": "normal", "batch": "idle"}[domain["priority"]]
 
 
-def worker_env(domain: dict[str, Any], threads: int, gpu_index: int | None) -> dict[str, str]:
+def worker_env(domain: dict[str, Any], threads: int) -> dict[str, str]:
     env = {name: str(threads) for name in THREAD_ENV}
-    # hide GPUs a domain must not touch; set before torch is ever imported in the worker
-    env["CUDA_VISIBLE_DEVICES"] = "" if gpu_index is None else str(gpu_index)
+    env.update(devices.visible_devices_env(domain["device"]))
     env["HF_HUB_OFFLINE"] = "1"
     env["TRANSFORMERS_OFFLINE"] = "1"
     env["HF_DATASETS_OFFLINE"] = "1"
     env["TOKENIZERS_PARALLELISM"] = "false"
     return env
-
-
-def gpu_index(device: str) -> int | None:
-    """The physical GPU a device string names; None for CPU."""
-    if device == "cpu":
-        return None
-    if device.startswith("cuda:"):
-        return int(device[5:])
-    return 0  # "cuda" and "auto" take the first GPU; a worker without one falls back to CPU
 
 
 def apply_in_worker(cpuset: list[int], sched: str) -> None:

@@ -1,4 +1,4 @@
-"""Jobs and the per-domain priority queue."""
+"""Jobs, how an attempt ends (`Outcome`), the job table and the per-domain priority queue."""
 from __future__ import annotations
 
 import collections
@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from .protocol import FINISHED_STATES, KIND_PREFIX, PRIORITY_ORDER, JobState
+from .protocol import FINISHED_STATES, KIND_PREFIX, PRIORITY_ORDER, Code, JobState
 
 # seeded from the OS once: a getrandom() syscall per job is measurable at thousands of jobs/s
 _rng = random.Random(os.urandom(16))
@@ -38,7 +38,7 @@ class Job:
     error: dict[str, Any] | None = None  # {"code", "message"}
     progress: dict[str, Any] | None = None  # the last progress event, for late watchers
     paused: bool = False
-    worker: bytes | None = None         # identity of the worker running it
+    slot: Any = None                    # the worker slot running it
     estimate_ms: float = 0.0
     # (client identity, rid) -> monotonic time the client was last heard from
     watchers: dict[tuple[bytes, Any], float] = field(default_factory=dict)
@@ -46,8 +46,9 @@ class Job:
     cancel_waiters: list[tuple[bytes, Any]] = field(default_factory=list)
     # watchers that asked for the final event only (non-streaming clients)
     final_only: set[tuple[bytes, Any]] = field(default_factory=set)
-    cancel_requested: bool = False
-    cancel_reason: str = ""             # "timeout" / "client_gone" / "shutdown": how to report it
+    # set when a cancel is sent to the worker: how the job ends once the worker stops it,
+    # decided where the cause was known (a deadline, a client, a shutdown)
+    on_cancel: "Outcome | None" = None
     detached: bool = False              # submitted without a streaming client: never auto-cancel
     last_position: int = -1             # the queue position last told to watchers
     step_mark: float = 0.0              # monotonic time of dispatch, then of the last step
@@ -62,6 +63,10 @@ class Job:
     @property
     def finished(self) -> bool:
         return self.state in FINISHED_STATES
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self.on_cancel is not None
 
     def record(self) -> dict[str, Any]:
         """The job as clients see it (seed API field names)."""
@@ -84,6 +89,88 @@ class Job:
         if self.paused:
             out["paused"] = True
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How one attempt at a job ends: a finished state, or back to the queue (`retry`)."""
+    state: str                          # a finished JobState, or QUEUED for a retry
+    code: str = ""                      # error code for FAILED; empty otherwise
+    message: str = ""                   # error message for FAILED, the reason for a retry
+    result: dict[str, Any] | None = None
+
+    @property
+    def retry(self) -> bool:
+        return self.state == JobState.QUEUED
+
+    @property
+    def error(self) -> dict[str, Any] | None:
+        return {"code": self.code, "message": self.message} if self.code else None
+
+
+def completed(result: dict[str, Any]) -> Outcome:
+    return Outcome(JobState.COMPLETED, result=result)
+
+
+def failed(code: str, message: str) -> Outcome:
+    return Outcome(JobState.FAILED, code or Code.ENGINE_ERROR, message)
+
+
+def retry(reason: str) -> Outcome:
+    return Outcome(JobState.QUEUED, message=reason)
+
+
+CANCELLED = Outcome(JobState.CANCELLED)
+
+
+class JobTable:
+    """Which jobs exist: the live ones (queued or running) and the most recent finished ones.
+
+    Finished jobs beyond `keep_finished` leave memory but stay in the store, where `get`
+    still finds them until their results expire.
+    """
+
+    def __init__(self, keep_finished: int = 10000):
+        self.keep_finished = keep_finished
+        self.by_id: dict[str, Job] = {}
+        self.live: set[Job] = set()
+        self._finished: collections.deque[str] = collections.deque()
+
+    def __len__(self) -> int:
+        return len(self.by_id)
+
+    def get(self, task_id: str) -> Job | None:
+        return self.by_id.get(task_id)
+
+    def add(self, job: Job) -> None:
+        self.by_id[job.task_id] = job
+        if job.finished:
+            self._retain(job)
+        else:
+            self.live.add(job)
+
+    def finish(self, job: Job) -> None:
+        self.live.discard(job)
+        self._retain(job)
+
+    def _retain(self, job: Job) -> None:
+        self._finished.append(job.task_id)
+        while len(self._finished) > self.keep_finished:
+            self.by_id.pop(self._finished.popleft(), None)
+
+    def forget(self, task_id: str) -> None:
+        """An expired job: its row and files are being deleted."""
+        self.by_id.pop(task_id, None)
+
+    def recent(self, limit: int, state: str | None = None) -> list[Job]:
+        """Newest first, optionally of one state."""
+        picked: list[Job] = []
+        for job in sorted(self.by_id.values(), key=lambda j: j.created_at, reverse=True):
+            if state is None or job.state == state:
+                picked.append(job)
+                if len(picked) >= limit:
+                    break
+        return picked
 
 
 class DomainQueue:

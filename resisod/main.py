@@ -43,15 +43,14 @@ def main(argv: list[str] | None = None) -> int:
         print()
         return 0
     logsetup.configure(cfg["logging"], batched=True)
-    from .daemon import Daemon
-    daemon = Daemon(cfg, socket_path=socket_path, state_dir=state_dir)
+    from .daemon import open_daemon
     try:
-        daemon.open()
+        broker = open_daemon(cfg)
     except (paths.SocketBusy, ValueError, OSError) as exc:
         logsetup.flush()
         print(f"resisod: {exc}", file=sys.stderr)
         return 1
     try:
-        return daemon.run()
+        return broker.run()
     finally:
         logsetup.flush()  # what was logged before a crash still reaches the log

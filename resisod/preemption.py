@@ -8,14 +8,15 @@ slice it runs until the credit is spent, then pauses again. A realtime arrival a
 spell finds no credit left, so it pauses the batch work at once.
 
 The decision is a pure function of (now, realtime busy, the turn state) so it is tested
-without processes or sleeps.
+without processes or sleeps; the scheduler asks it on every dispatch and tick. Which domains
+contend at all is `plan`, from where `devices` says each domain runs.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-from . import isolation
+from . import devices
 
 SLICE_S = 0.3   # run time a preempted batch job gets per turn under continuous realtime load
 QUIET_S = 1.0   # realtime idle this long: the batch side's unspent credit lapses
@@ -61,15 +62,16 @@ def apply(turn: Turn, paused: bool) -> bool:
     return True
 
 
-def shares_device(batch: dict[str, Any], realtime: dict[str, Any], batch_cpus: list[int],
-                  realtime_cpus: list[int], *, gpus: int, across_cores: bool) -> bool:
-    """Whether two domains contend for the same device."""
-    b_gpu = isolation.gpu_index(batch["device"]) if gpus else None
-    r_gpu = isolation.gpu_index(realtime["device"]) if gpus else None
-    if b_gpu is not None and r_gpu is not None:
-        return b_gpu == r_gpu
-    if b_gpu is not None or r_gpu is not None:
-        return False  # one on a GPU, the other on CPU cores
-    if across_cores:
-        return True   # cores share caches and memory bandwidth
-    return bool(set(batch_cpus or range(1024)) & set(realtime_cpus or range(1024)))
+def plan(domains: dict[str, dict[str, Any]], layout: dict[str, list[int]], *, gpus: int,
+         across_cores: bool) -> dict[str, list[str]]:
+    """Which realtime domains each preemptible batch domain yields to."""
+    out: dict[str, list[str]] = {}
+    for b, bc in domains.items():
+        if not (bc["preemptible"] and bc["priority"] == "batch"):
+            continue
+        rts = [r for r, rc in domains.items() if rc["priority"] == "realtime" and
+               devices.shares_device(bc, rc, layout[b], layout[r], gpus=gpus,
+                                     across_cores=across_cores)]
+        if rts:
+            out[b] = rts
+    return out

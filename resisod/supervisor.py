@@ -1,8 +1,8 @@
-"""Worker slots: start, watch and restart the worker processes of every domain.
+"""Child processes: start, watch and restart every domain's workers and the HTTP gateway.
 
-Liveness is deadlines and counters checked from the daemon's loop, not threads: a slot is
-dead when its process exited, when it has been silent for 3 heartbeat intervals, or when its
-RSS passed the domain's memory budget.
+Liveness is deadlines and counters checked from the broker's tick, not threads: a slot is
+dead when its process exited, when it has been silent for `SILENT_BEATS` heartbeat intervals,
+or when its RSS passed the domain's memory budget.
 """
 from __future__ import annotations
 
@@ -16,53 +16,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import isolation
-from .config import gpu_share
+from . import devices, isolation
 from .protocol import HEARTBEAT_SUFFIX
+from .slots import Slot, SlotState
 
 log = logging.getLogger("resisod.supervisor")
 
-
-class SlotState:
-    STARTING = "starting"   # process spawned, not heard from yet
-    LOADING = "loading"     # connected, engine loading
-    READY = "ready"         # idle, can take a job
-    BUSY = "busy"           # running a job
-    BACKOFF = "backoff"     # died; waiting before the next start
-    FAILED = "failed"       # engine could not load; retried after backoff
-    STOPPED = "stopped"
-
-
-@dataclass(eq=False)
-class Slot:
-    domain: str
-    index: int
-    cpus: list[int]
-    threads: int
-    sched: str
-    state: str = SlotState.STOPPED
-    proc: subprocess.Popen | None = None
-    generation: int = 0
-    identity: bytes = b""
-    last_seen: float = 0.0
-    started_at: float = 0.0
-    ready_since: float | None = None
-    job: Any = None                      # the Job it runs
-    crashes: int = 0                     # consecutive, reset once it stays ready a while
-    restart_at: float = 0.0
-    last_error: str = ""
-    rss_mb: float | None = None
-    kill_reason: str = ""                # why the supervisor killed it (memory_limit, hung)
-    loaded: bool = True
-    last_pid: int | None = None
-
-    @property
-    def name(self) -> str:
-        return f"{self.domain}.{self.index}"
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
+SILENT_BEATS = 3           # heartbeat intervals of silence after which a worker is hung
+BACKOFF_BASE_S = 0.1       # first restart delay; doubles per consecutive crash
+STABLE_AFTER_S = 60.0      # ready this long before dying: not a crash loop, backoff resets
+GATEWAY_MIN_UP_S = 1.0     # a gateway that dies sooner is not restarted in a tight loop
+GATEWAY_CONFIG_EXIT = 2    # the gateway's exit status for a configuration it refuses
 
 
 @dataclass
@@ -104,10 +68,11 @@ class Supervisor:
             "identity": slot.identity.decode(), "endpoint": self.endpoint,
             "domain_name": slot.domain, "domain": d, "state_dir": self.state_dir,
             "heartbeat_ms": self.cfg["daemon"]["heartbeat_ms"], "cpus": slot.cpus,
-            "sched": slot.sched, "threads": slot.threads, "gpu_share": gpu_share(self.cfg, d),
+            "sched": slot.sched, "threads": slot.threads,
+            "gpu_share": devices.memory_share(self.cfg, d),
         }
         env = dict(os.environ)
-        env.update(isolation.worker_env(d, slot.threads, isolation.gpu_index(d["device"])))
+        env.update(isolation.worker_env(d, slot.threads))
         env["RESISO_WORKER_SPEC"] = json.dumps(spec)
         slot.proc = self.spawn([sys.executable, "-m", "resisod.worker"], env=env,
                                stdin=subprocess.DEVNULL, start_new_session=False)
@@ -134,7 +99,7 @@ class Supervisor:
         for slot in self.slots:
             if slot.proc is None:
                 continue
-            if slot.state != SlotState.FAILED and now - slot.last_seen > 3 * hb:
+            if slot.state != SlotState.FAILED and now - slot.last_seen > SILENT_BEATS * hb:
                 self.kill(slot, f"no heartbeat for {now - slot.last_seen:.1f}s (hung)")
             code = slot.proc.poll()
             if code is None:
@@ -145,16 +110,16 @@ class Supervisor:
         return dead
 
     def schedule_restart(self, slot: Slot, reason: str, *, load_failed: bool = False) -> float:
-        """Exponential backoff, capped; returns the delay chosen."""
-        if slot.ready_since is not None and self.clock() - slot.ready_since > 60:
+        """Exponential backoff, capped; returns the delay chosen. The slot's job is the
+        scheduler's to settle (`Scheduler.worker_lost`)."""
+        if slot.ready_since is not None and self.clock() - slot.ready_since > STABLE_AFTER_S:
             slot.crashes = 0  # it ran fine for a while: this is not a crash loop
         slot.crashes += 1
         cap = self.cfg["daemon"]["restart_backoff_max_s"]
-        delay = min(cap, 0.1 * (2 ** (slot.crashes - 1)))
+        delay = min(cap, BACKOFF_BASE_S * (2 ** (slot.crashes - 1)))
         slot.restart_at = self.clock() + delay
         slot.last_error = reason
         slot.state = SlotState.FAILED if load_failed else SlotState.BACKOFF
-        slot.job = None
         if slot.proc is not None:
             slot.last_pid = slot.proc.pid
             slot.proc = None
@@ -169,6 +134,11 @@ class Supervisor:
                     and slot.proc is None:
                 self.start(slot)
 
+    def memory_budget(self, slot: Slot) -> int:
+        """MB of RSS a slot's worker may use (0: unlimited)."""
+        return self.cfg["domains"][slot.domain]["max_memory_mb"] or \
+            self.cfg["resources"]["max_memory_mb"]
+
     def check_memory(self) -> list[Slot]:
         """Sample RSS; kill workers over their domain's budget. Returns the slots killed."""
         killed = []
@@ -176,8 +146,7 @@ class Supervisor:
             if slot.proc is None or slot.proc.poll() is not None:
                 continue
             slot.rss_mb = isolation.rss_mb(slot.proc.pid)
-            budget = self.cfg["domains"][slot.domain]["max_memory_mb"] or \
-                self.cfg["resources"]["max_memory_mb"]
+            budget = self.memory_budget(slot)
             if budget and slot.rss_mb is not None and slot.rss_mb > budget:
                 slot.kill_reason = "memory_limit"
                 self.kill(slot, "memory_limit")
@@ -198,3 +167,41 @@ class Supervisor:
                 slot.proc.kill()
                 slot.proc.wait()
             slot.state = SlotState.STOPPED
+
+
+class Gateway:
+    """The HTTP gateway as a child process: a client of the daemon like any other."""
+
+    def __init__(self, http_cfg: dict[str, Any], socket_path: str,
+                 clock: Callable[[], float] = time.monotonic):
+        self.cfg, self.socket_path, self.clock = http_cfg, socket_path, clock
+        self.proc: subprocess.Popen | None = None
+        self.started = 0.0
+
+    def start(self) -> None:
+        env = {**os.environ, "RESISO_HTTP": json.dumps(self.cfg),
+               "RESISO_SOCKET": self.socket_path}
+        self.proc = subprocess.Popen([sys.executable, "-m", "resisod.http"], env=env,
+                                     stdin=subprocess.DEVNULL)
+        self.started = self.clock()
+        log.info("HTTP gateway started on %s (pid %d)", self.cfg["listen"], self.proc.pid)
+
+    def check(self, *, stopping: bool) -> None:
+        """Restart a gateway that died, unless it refused its configuration."""
+        if self.proc is None or self.proc.poll() is None:
+            return
+        code = self.proc.returncode
+        if code == GATEWAY_CONFIG_EXIT:  # restarting would not help
+            log.error("HTTP gateway refused to start (see above); not restarting")
+            self.proc = None
+        elif self.clock() - self.started > GATEWAY_MIN_UP_S and not stopping:
+            log.warning("HTTP gateway exited with %s; restarting", code)
+            self.start()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()

@@ -23,7 +23,7 @@ from typing import Any
 
 import zmq
 
-from . import isolation
+from . import devices, isolation
 from .engines.base import Cancelled, JobControl, JobError  # the interface only: no model code
 from .protocol import HARD_FRAME_LIMIT, HEARTBEAT_SUFFIX, Code, WorkerMsg, pack, unpack
 
@@ -89,11 +89,10 @@ class Worker:
             self.spec["heartbeat_ms"] / 1000.0)).start()
         self.send({"op": WorkerMsg.HELLO, "pid": os.getpid()})
         spec, domain = self.spec, self.spec["domain"]
-        device = domain["device"]
         ectx = EngineContext(
             domain_name=spec["domain_name"], state_dir=spec["state_dir"],
             results_dir=os.path.join(spec["state_dir"], "results"),
-            device="cpu" if device == "cpu" else ("auto" if device == "auto" else "cuda"),
+            device=devices.engine_device(domain["device"]),
             threads=spec["threads"], gpu_share=spec["gpu_share"])
         os.makedirs(ectx.results_dir, exist_ok=True)
         try:

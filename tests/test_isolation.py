@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from resisod import preemption
+from resisod import devices, preemption
 
 from .conftest import wait_for
 
@@ -214,7 +214,7 @@ def test_which_domains_share_a_device():
     gpu_img = {"device": "auto"}
     cpu_tts = {"device": "cpu"}
     other_gpu = {"device": "cuda:1"}
-    share = preemption.shares_device
+    share = devices.shares_device
     assert share(gpu_img, gpu_llm, [1], [0], gpus=1, across_cores=False)
     assert not share(other_gpu, gpu_llm, [1], [0], gpus=2, across_cores=True)
     assert not share(gpu_img, cpu_tts, [1], [1], gpus=1, across_cores=True)
@@ -222,3 +222,17 @@ def test_which_domains_share_a_device():
     assert share(gpu_img, cpu_tts, [1], [1], gpus=0, across_cores=False)
     assert not share(gpu_img, gpu_llm, [1], [0], gpus=0, across_cores=False)
     assert share(gpu_img, gpu_llm, [1], [0], gpus=0, across_cores=True)
+
+
+def test_preemption_plan_from_devices():
+    from resisod import config
+    cfg = config.build({})
+    layout = {"llm": [0], "tts": [1], "image": [1]}
+    # CPU only: the image domain shares cores (and caches) with both realtime domains
+    assert preemption.plan(cfg["domains"], layout, gpus=0, across_cores=True) == \
+        {"image": ["llm", "tts"]}
+    # one GPU: the image yields to the LLM on that GPU, not to CPU speech
+    assert preemption.plan(cfg["domains"], layout, gpus=1, across_cores=True) == \
+        {"image": ["llm"]}
+    assert preemption.plan(cfg["domains"], layout, gpus=0, across_cores=False) == \
+        {"image": ["tts"]}

@@ -11,7 +11,7 @@ from typing import Any
 
 from .. import builtin
 from .base import Engine, EngineUnavailable, JobControl
-from .torch_device import place
+from ..devices import place_torch
 
 
 class DiffusersEngine(Engine):
@@ -33,7 +33,8 @@ class DiffusersEngine(Engine):
         if not os.path.isfile(os.path.join(path, "model_index.json")):
             raise EngineUnavailable(f"{path} is not a diffusers model directory "
                                     f"(no model_index.json)")
-        self.device, dtype = place(torch, self.ctx, self.domain["dtype"])
+        self.device, dtype = place_torch(
+            torch, self.ctx.device, self.ctx.threads, self.ctx.gpu_share, self.domain["dtype"])
         try:
             self.pipe = AutoPipelineForText2Image.from_pretrained(
                 path, torch_dtype=dtype, local_files_only=True)

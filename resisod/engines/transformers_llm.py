@@ -14,7 +14,7 @@ from .. import builtin
 from ..protocol import Code
 from .base import Cancelled, Engine, EngineUnavailable, JobControl, JobError
 from .llm_common import chat_messages, finish_stats
-from .torch_device import place
+from ..devices import place_torch
 
 
 class TransformersEngine(Engine):
@@ -39,7 +39,8 @@ class TransformersEngine(Engine):
             from transformers import AutoModelForCausalLM, AutoTokenizer
         except ImportError as exc:
             raise EngineUnavailable(f"transformers/torch are not installed: {exc}")
-        self.device, dtype = place(torch, self.ctx, self.domain["dtype"])
+        self.device, dtype = place_torch(
+            torch, self.ctx.device, self.ctx.threads, self.ctx.gpu_share, self.domain["dtype"])
         kw: dict[str, Any] = {"local_files_only": True}
         if gguf_file:
             kw["gguf_file"] = gguf_file

@@ -1,0 +1,242 @@
+"""The broker: the daemon's sockets and its one loop. It moves messages; it decides nothing.
+
+    poll → drain clients (ClientOps) → drain workers (WorkerLink) → dispatch (Scheduler)
+         → every TICK_S: tick → commit (store, then the Outbox to clients)
+
+A job's data path reads straight through: a client request enters `ClientOps`, the
+`Scheduler` decides, its effects go out through the `WorkerLink`; the worker's answers come
+back through the `WorkerLink` into the `Scheduler`, whose effects the `Subscriptions` turn
+into client events, which leave once the store has committed what they report.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import os
+import signal
+from typing import Any, Callable
+
+import zmq
+
+from . import __version__, expiry, logsetup, status
+from .client_ops import ClientOps
+from .outbox import Outbox
+from .paths import SocketClaim
+from .protocol import HARD_FRAME_LIMIT, WorkerMsg
+from .scheduler import DomainHealth, Ended, Requeued, Scheduler, Signal, Start
+from .sdnotify import Notifier
+from .store import JobStore
+from .subscriptions import Subscriptions
+from .supervisor import Gateway, Supervisor
+from .worker_link import WorkerLink
+
+log = logging.getLogger("resisod")
+jlog = logsetup.JobLines(log)  # job transitions: formatted at the tick's flush, not inline
+
+TICK_S = 0.05
+POSITION_UPDATE_S = 0.25
+DRAIN_BATCH = 512          # messages per socket per turn: one busy side cannot starve the other
+HWM = 100000
+# plain ints: pyzmq's enum flags cost an enum operation per send on the hot path
+NOBLOCK, SNDMORE, POLLIN, EVENTS = (int(zmq.NOBLOCK), int(zmq.SNDMORE), int(zmq.POLLIN),
+                                    int(zmq.EVENTS))
+
+
+class Broker:
+    def __init__(self, cfg: dict[str, Any], *, claim: SocketClaim, sched: Scheduler,
+                 store: JobStore, supervisor: Supervisor, gateway: Gateway | None,
+                 worker_path: str, gpus: bool):
+        self.cfg, self.claim, self.sched, self.store = cfg, claim, sched, store
+        self.supervisor, self.gateway = supervisor, gateway
+        self.socket_path, self.state_dir = cfg["daemon"]["socket"], cfg["daemon"]["state_dir"]
+        self.clock = sched.clock
+        self.hb = cfg["daemon"]["heartbeat_ms"] / 1000.0
+        self.notifier = Notifier()
+        self.stop_requested = False
+        self.started = sched.wall()
+        self.next_tick = self.next_positions = self.next_heartbeat = 0.0
+        self.next_sweep = self.next_watchdog = 0.0
+        self.ctx = zmq.Context()
+        self.client = self._router(f"ipc://{self.socket_path}")
+        claim.after_bind()
+        if os.path.exists(worker_path):
+            os.unlink(worker_path)  # ours by the lock we hold: a leftover of a dead daemon
+        self.workers = self._router(f"ipc://{worker_path}")
+        os.chmod(worker_path, 0o600)
+        self.outbox = Outbox()
+        self.subs = Subscriptions(self.outbox, sched, silence_s=max(4 * self.hb, 1.0))
+        self.link = WorkerLink(self.workers, supervisor, sched, self.subs)
+        self.ops = ClientOps(
+            sched, self.subs, self.outbox, store, apply=self.apply,
+            status=lambda: status.snapshot(sched, socket_path=self.socket_path,
+                                           state_dir=self.state_dir, started=self.started,
+                                           gpus=gpus),
+            max_request_bytes=cfg["daemon"]["max_request_bytes"],
+            alive_ms=round(self.hb * 1000))
+
+    def _router(self, endpoint: str) -> zmq.Socket:
+        s = self.ctx.socket(zmq.ROUTER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.MAXMSGSIZE, HARD_FRAME_LIMIT)
+        s.setsockopt(zmq.SNDHWM, HWM)
+        s.setsockopt(zmq.RCVHWM, HWM)
+        s.bind(endpoint)
+        return s
+
+    def request_stop(self, *_: Any) -> None:
+        # a signal handler: it only raises a flag; the loop acts on it between messages,
+        # so no send is ever cut in two
+        self.stop_requested = True
+
+    # --- the loop -------------------------------------------------------------------------------
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        self.supervisor.start_all()
+        if self.gateway is not None:
+            self.gateway.start()
+        # the loop allocates many short-lived dicts per job; collecting them in generation 0
+        # every 700 allocations costs more than it frees. Long-lived state is frozen.
+        gc.freeze()
+        gc.set_threshold(20000, 20, 20)
+        self.notifier.ready()
+        log.info("resisod %s serving on %s (state %s)", __version__, self.socket_path,
+                 self.state_dir)
+        poller = zmq.Poller()
+        poller.register(self.client, zmq.POLLIN)
+        poller.register(self.workers, zmq.POLLIN)
+        sched, from_client = self.sched, self.ops.handle
+        while True:
+            now = self.clock()
+            # whole milliseconds, rounded up: pyzmq truncates, and a 0 ms timeout in the last
+            # millisecond before a tick would spin the loop
+            ready = dict(poller.poll(max(0, math.ceil((self.next_tick - now) * 1000))))
+            if self.client in ready:
+                self.drain(self.client, from_client)
+            if self.workers in ready:
+                self.drain(self.workers, self.from_worker)
+            if self.stop_requested and not sched.stopping:
+                self.stop()
+            if sched.dispatch_due:
+                self.apply(sched.dispatch())
+            now = self.clock()
+            if now >= self.next_tick:
+                self.tick(now)
+                logsetup.flush()  # log lines leave within one tick, in one write
+                self.next_tick = now + TICK_S
+            self.commit()
+            if sched.drained(now):
+                break
+        self.close()
+        logsetup.flush()
+        return 0
+
+    def drain(self, sock: zmq.Socket, handle: Callable[[bytes, list[bytes]], Any]) -> None:
+        """Handle what `sock` holds, up to DRAIN_BATCH messages; poll said it is readable.
+
+        Per message this costs two recvs and one EVENTS check: recv_multipart asks RCVMORE
+        after every frame, and each getsockopt builds an enum in pyzmq; ending on a raised
+        `Again` costs twice an EVENTS check."""
+        recv, events = sock.recv, sock.getsockopt
+        for _ in range(DRAIN_BATCH):
+            try:
+                ident = recv(NOBLOCK)
+            except zmq.Again:  # readiness from poll can be stale
+                return
+            # a ROUTER hands over whole messages: the body frame is already there
+            frame = recv(NOBLOCK, copy=False)
+            frames = [frame.bytes]
+            while frame.more:
+                frame = recv(NOBLOCK, copy=False)
+                frames.append(frame.bytes)
+            handle(ident, frames)
+            if not events(EVENTS) & POLLIN:
+                return
+
+    def from_worker(self, ident: bytes, frames: list[bytes]) -> None:
+        self.apply(self.link.on_message(ident, frames))
+
+    def apply(self, effects: Any) -> None:
+        """Carry out the scheduler's decisions, in order."""
+        for e in effects:
+            kind = type(e)
+            if kind is Ended:
+                job = e.job
+                self.store.update(job)
+                self.subs.ended(job)
+                took = (job.finished_at - job.created_at) * 1000
+                if job.error:
+                    jlog.info("job %s %s domain=%s code=%s total_ms=%.0f", job.task_id,
+                              job.state, job.domain, job.error["code"], took)
+                else:
+                    jlog.info("job %s %s domain=%s total_ms=%.0f", job.task_id, job.state,
+                              job.domain, took)
+            elif kind is Start:
+                slot, job = e
+                self.link.run(slot, job)
+                self.store.update(job)
+                self.subs.started(job, slot.name, self.clock())
+                jlog.info("job %s started domain=%s worker=%s attempt=%d waited_ms=%.0f",
+                          job.task_id, job.domain, slot.name, job.attempts,
+                          (job.started_at - job.created_at) * 1000)
+            elif kind is Signal:
+                self.link.signal(*e)
+            elif kind is Requeued:
+                self.store.update(e.job)
+                self.subs.requeued(e.job, e.reason)
+                log.warning("job %s re-queued: %s", e.job.task_id, e.reason)
+            elif kind is DomainHealth:
+                if e.domain.unavailable_reason:
+                    log.error("domain %s unavailable: %s", e.domain.name,
+                              e.domain.unavailable_reason)
+                else:
+                    log.info("domain %s recovered", e.domain.name)
+
+    def tick(self, now: float) -> None:
+        self.apply(self.link.reap())
+        self.supervisor.restart_due()
+        self.apply(self.sched.tick(now))
+        for job in self.subs.forsaken(now, list(self.sched.jobs.live)):
+            self.apply(self.sched.cancel(job))
+        if self.gateway is not None:
+            self.gateway.check(stopping=self.sched.stopping)
+        if now >= self.next_sweep:
+            ttl = self.cfg["daemon"]["result_ttl_hours"]
+            expiry.sweep(self.store, self.sched.jobs, ttl_hours=ttl, state_dir=self.state_dir)
+            self.next_sweep = now + expiry.sweep_interval_s(ttl)
+        if self.notifier.watchdog_s and now >= self.next_watchdog:
+            self.notifier.watchdog()
+            self.next_watchdog = now + self.notifier.watchdog_s
+        if now >= self.next_positions:
+            self.subs.send_positions(now)
+            self.next_positions = now + POSITION_UPDATE_S
+        if now >= self.next_heartbeat:
+            self.link.heartbeat()
+            self.supervisor.check_memory()
+            self.next_heartbeat = now + self.hb
+
+    def commit(self) -> None:
+        """Make this iteration's state changes durable, then tell clients about them."""
+        self.store.commit()
+        if self.outbox.items:
+            self.outbox.deliver(self.client.send, SNDMORE, NOBLOCK, zmq.Again)
+
+    def stop(self) -> None:
+        log.info("shutting down: no new jobs accepted")
+        self.notifier.stopping()
+        self.apply(self.sched.stop(self.clock()))
+
+    def close(self) -> None:
+        self.subs.shutting_down(list(self.sched.jobs.live))
+        self.link.shutdown()
+        self.commit()
+        self.store.close()
+        if self.gateway is not None:
+            self.gateway.stop()
+        self.supervisor.shutdown()
+        self.client.close(0)
+        self.workers.close(0)
+        self.ctx.term()
+        self.claim.release()
+        log.info("resisod stopped")

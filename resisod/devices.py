@@ -1,0 +1,85 @@
+"""Devices: what a domain's `device` string means on this machine, and its share of a GPU.
+
+Every other module asks here: the supervisor (which GPU a worker may see, its memory share),
+the scheduler's preemption plan (which domains contend for one device), `status` (the GPU
+inventory) and the torch engines inside workers (device, dtype, memory cap). NVML is a thin
+driver binding, not a model library, so the daemon may probe with it; torch is only ever
+passed in by a worker that already imported it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+def gpu_index(device: str) -> int | None:
+    """The physical GPU a device string names; None for CPU."""
+    if device == "cpu":
+        return None
+    if device.startswith("cuda:"):
+        return int(device[5:])
+    return 0  # "cuda" and "auto" take the first GPU; a worker without one falls back to CPU
+
+
+def visible_devices_env(device: str) -> dict[str, str]:
+    """Hide the GPUs a domain must not touch; set before torch is ever imported."""
+    index = gpu_index(device)
+    return {"CUDA_VISIBLE_DEVICES": "" if index is None else str(index)}
+
+
+def engine_device(device: str) -> str:
+    """The device an engine is told: the one visible GPU is always index 0 inside a worker."""
+    return device if device in ("cpu", "auto") else "cuda"
+
+
+def memory_share(cfg: dict[str, Any], domain: dict[str, Any]) -> float:
+    """Fraction of a GPU's memory a domain's process may take (gpu_allocation by kind)."""
+    pct = cfg["resources"]["gpu_allocation"].get(domain["kind"])
+    return (pct if pct is not None else 100) / 100.0
+
+
+def shares_device(batch: dict[str, Any], realtime: dict[str, Any], batch_cpus: list[int],
+                  realtime_cpus: list[int], *, gpus: int, across_cores: bool) -> bool:
+    """Whether two domains contend for the same device."""
+    b_gpu = gpu_index(batch["device"]) if gpus else None
+    r_gpu = gpu_index(realtime["device"]) if gpus else None
+    if b_gpu is not None and r_gpu is not None:
+        return b_gpu == r_gpu
+    if b_gpu is not None or r_gpu is not None:
+        return False  # one on a GPU, the other on CPU cores
+    if across_cores:
+        return True   # cores share caches and memory bandwidth
+    return bool(set(batch_cpus or range(1024)) & set(realtime_cpus or range(1024)))
+
+
+def probe() -> list[dict[str, Any]]:
+    """The machine's GPUs from NVML; empty on a machine without one (or without the driver)."""
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+    except Exception:  # no package, no driver, no GPU: a CPU-only machine
+        return []
+    out = []
+    try:
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+            name = pynvml.nvmlDeviceGetName(h)
+            out.append({"index": i, "name": name.decode() if isinstance(name, bytes) else name,
+                        "used_mb": mem.used / 2**20, "total_mb": mem.total / 2**20})
+    except Exception:
+        pass
+    return out
+
+
+def place_torch(torch: Any, device: str, threads: int, share: float,
+                dtype_name: str) -> tuple[str, Any]:
+    """Inside a worker: pick the torch device and dtype (fp16 on CUDA, fp32 on CPU unless
+    configured) and cap this process at its domain's share of the GPU's memory."""
+    torch.set_num_threads(threads)
+    cuda = device in ("cuda", "auto") and torch.cuda.is_available()
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        dtype_name, torch.float16 if cuda else torch.float32)
+    if cuda:
+        # CUDA_VISIBLE_DEVICES already narrowed the process to its domain's GPU: index 0
+        torch.cuda.set_per_process_memory_fraction(share, 0)
+    return ("cuda" if cuda else "cpu"), dtype

@@ -1,0 +1,118 @@
+"""The daemon's side of its workers: their messages become scheduler events, and the
+scheduler's decisions become their messages.
+
+Unlike client events (which wait in the `Outbox` for the commit), worker messages are sent at
+once: a `run` or `cancel` carries no state a client could be told about too early.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import zmq
+
+from .jobs import Job
+from .protocol import (HARD_FRAME_LIMIT, HEARTBEAT_SUFFIX, Code, Event, ProtocolError,
+                       WorkerMsg, pack, unpack)
+from .scheduler import Scheduler
+from .slots import Slot, SlotState
+from .subscriptions import Subscriptions
+from .supervisor import Supervisor
+
+log = logging.getLogger("resisod")
+
+SNDMORE = int(zmq.SNDMORE)  # a plain int: pyzmq's enum flags cost an operation per send
+# partial events that change what the scheduler knows of a job (the rest are only relayed)
+STATEFUL_PARTIALS = frozenset({Event.PROGRESS, Event.PAUSED, Event.RESUMED})
+NOT_FIELDS = frozenset({"op", "task_id", "event"})
+NOTHING: tuple[()] = ()
+
+
+class WorkerLink:
+    def __init__(self, sock: zmq.Socket, supervisor: Supervisor, sched: Scheduler,
+                 subs: Subscriptions):
+        self.sock, self.supervisor, self.sched, self.subs = sock, supervisor, sched, subs
+        self.clock = sched.clock
+
+    # --- in -------------------------------------------------------------------------------------
+    def on_message(self, ident: bytes, frames: list[bytes]) -> Any:
+        """One worker message; returns the scheduler's effects for the broker to apply."""
+        slot = self.supervisor.by_identity.get(ident)
+        if slot is None or len(frames) != 1:
+            return NOTHING  # a worker of an earlier generation, already replaced
+        try:
+            msg = unpack(frames[0], max_bytes=HARD_FRAME_LIMIT)
+        except ProtocolError:
+            log.error("worker %s sent an unreadable frame", slot.name)
+            return NOTHING
+        slot.last_seen = self.clock()
+        op = msg.get("op")
+        if op == WorkerMsg.HEARTBEAT:
+            return NOTHING
+        if op == WorkerMsg.PARTIAL:
+            job = self.sched.running_job(slot, msg.get("task_id"))
+            if job is not None:
+                name = msg.get("event")
+                fields = {k: v for k, v in msg.items() if k not in NOT_FIELDS}
+                if name in STATEFUL_PARTIALS:
+                    self.sched.partial(job, name, fields)
+                self.subs.partial(job, name, fields)
+            return NOTHING
+        if op == WorkerMsg.DONE:
+            return self.sched.job_done(slot, msg.get("task_id"), msg.get("result"))
+        if op == WorkerMsg.FAILED:
+            return self.sched.job_failed(slot, msg.get("task_id"),
+                                         msg.get("code", Code.ENGINE_ERROR),
+                                         msg.get("message", ""))
+        if op == WorkerMsg.HELLO:
+            slot.state = SlotState.LOADING
+        elif op == WorkerMsg.READY:
+            log.info("worker %s ready (load %.0f ms)", slot.name, msg.get("load_ms", 0))
+            return self.sched.worker_ready(slot)
+        elif op == WorkerMsg.LOAD_FAILED:
+            reason = str(msg.get("reason", "engine failed to load"))
+            log.error("worker %s failed to load its engine: %s", slot.name, reason)
+            return self.sched.worker_load_failed(slot, reason)
+        elif op == WorkerMsg.UNLOADED:
+            slot.loaded = False
+            log.info("worker %s unloaded its model after %.0fs idle", slot.name,
+                     self.sched.domains[slot.domain].cfg["keep_alive_s"])
+        elif op == WorkerMsg.RELOADED:
+            slot.loaded = True
+        return NOTHING
+
+    def reap(self) -> list[Any]:
+        """Workers that died or went silent: schedule their restart, settle their jobs."""
+        effects: list[Any] = []
+        for slot, reason in self.supervisor.reap():
+            load_failed = slot.state == SlotState.FAILED
+            memory = slot.kill_reason == "memory_limit"
+            delay = self.supervisor.schedule_restart(
+                slot, slot.last_error if load_failed else reason, load_failed=load_failed)
+            log.warning("worker %s died (%s); restart in %.1fs", slot.name, reason, delay)
+            effects += self.sched.worker_lost(
+                slot, reason, memory_mb=self.supervisor.memory_budget(slot) if memory else None)
+        return effects
+
+    # --- out (sent at once) -----------------------------------------------------------------------
+    def send_now(self, slot: Slot, msg: dict[str, Any]) -> None:
+        self.sock.send(slot.identity, SNDMORE)
+        self.sock.send(pack(msg))
+
+    def run(self, slot: Slot, job: Job) -> None:
+        self.send_now(slot, {"op": WorkerMsg.RUN, "task_id": job.task_id,
+                             "params": job.params, "attempt": job.attempts})
+
+    def signal(self, slot: Slot, job: Job, op: str) -> None:
+        self.send_now(slot, {"op": op, "task_id": job.task_id})
+
+    def heartbeat(self) -> None:
+        beat = pack({"op": WorkerMsg.HEARTBEAT})
+        for slot in self.supervisor.slots:
+            if slot.proc is not None:
+                self.sock.send_multipart([slot.identity + HEARTBEAT_SUFFIX, beat])
+
+    def shutdown(self) -> None:
+        for slot in self.supervisor.slots:
+            if slot.identity:
+                self.sock.send_multipart([slot.identity, pack({"op": WorkerMsg.SHUTDOWN})])

@@ -1,0 +1,352 @@
+"""The scheduler's decisions, driven by a fake clock: no processes, no sockets, no sleeps.
+
+Each test feeds the scheduler the events the broker would (admit, worker ready, done,
+failed, lost, tick, stop) and checks the effects it returns.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from resisod import config
+from resisod.jobs import failed
+from resisod.protocol import Code, JobState, ProtocolError, WorkerMsg
+from resisod.scheduler import DomainHealth, Ended, Requeued, Scheduler, Signal, Start
+from resisod.slots import Slot, SlotState
+
+
+class Clock:
+    def __init__(self, t: float = 1000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, s: float) -> float:
+        self.t += s
+        return self.t
+
+
+def make(domains: dict[str, dict[str, Any]], *, yields_to: dict[str, list[str]] | None = None,
+         ready: bool = True, **daemon: Any) -> tuple[Scheduler, Clock, dict[str, list[Slot]]]:
+    cfg = config.build({"domains": domains, "daemon": daemon})
+    slots = [Slot(domain=name, index=i, cpus=[], threads=1, sched="normal")
+             for name, d in cfg["domains"].items() for i in range(d["workers"])]
+    clock = Clock()
+    sched = Scheduler(cfg, slots, yields_to=yields_to, clock=clock, wall=clock)
+    if ready:
+        for s in slots:
+            sched.worker_ready(s)
+    by_domain = {name: [s for s in slots if s.domain == name] for name in cfg["domains"]}
+    return sched, clock, by_domain
+
+
+def admit(sched: Scheduler, domain: str = "n", priority: str = "normal", **kw: Any):
+    return sched.admit(sched.domains[domain], {}, priority, **kw)
+
+
+def of(effects: list[Any], kind: type) -> list[Any]:
+    return [e for e in effects if type(e) is kind]
+
+
+def started(effects: list[Any]) -> list[str]:
+    return [e.job.task_id for e in of(effects, Start)]
+
+
+def test_dispatch_order_across_priorities_and_fifo_within_a_class():
+    sched, _, slots = make({"n": {"kind": "null"}})
+    (slot,) = slots["n"]
+    blocker = admit(sched)
+    assert started(sched.dispatch()) == [blocker.task_id]
+    a = admit(sched, priority="normal")
+    b = admit(sched, priority="batch")
+    c = admit(sched, priority="realtime")
+    d = admit(sched, priority="normal")
+    e = admit(sched, priority="realtime")
+    assert sched.dispatch() == []                      # the only slot is busy
+    # position: jobs that must finish first (the running blocker included)
+    assert [sched.position(j) for j in (c, e, a, d, b)] == [1, 2, 3, 4, 5]
+    order, running = [], blocker
+    while True:
+        ended = sched.job_done(slot, running.task_id, {})
+        assert [x.job for x in of(ended, Ended)] == [running]
+        effects = sched.dispatch()
+        if not effects:
+            break
+        (start,) = of(effects, Start)
+        assert start.slot is slot and start.job.state == JobState.RUNNING
+        running = start.job
+        order.append(running)
+    assert order == [c, e, a, d, b]
+    assert all(j.state == JobState.COMPLETED and j.attempts == 1 for j in order)
+    assert sched.domains["n"].completed == 6
+
+
+def test_a_retried_job_returns_to_its_place_in_its_class():
+    sched, _, slots = make({"n": {"kind": "null", "workers": 1}})
+    (slot,) = slots["n"]
+    first = admit(sched)
+    sched.dispatch()
+    later = [admit(sched) for _ in range(3)]
+    effects = sched.worker_lost(slot, "exited with signal 9")
+    assert [(type(e), e.job) for e in effects] == [(Requeued, first)]
+    assert "retrying once" in effects[0].reason and first.state == JobState.QUEUED
+    assert [j for j in sched.domains["n"].queue] == [first, *later]  # ahead of later arrivals
+
+
+def test_queue_full_rejects_at_once_and_keeps_the_queue():
+    sched, _, _ = make({"n": {"kind": "null", "max_queue": 2}}, ready=False)
+    jobs = [admit(sched), admit(sched)]
+    with pytest.raises(ProtocolError) as exc:
+        admit(sched)
+    assert exc.value.code == Code.QUEUE_FULL and "max_queue" in exc.value.message
+    assert list(sched.domains["n"].queue) == jobs and len(sched.jobs.live) == 2
+    # a realtime job does not jump a full queue either: the bound is on memory, not order
+    with pytest.raises(ProtocolError):
+        admit(sched, priority="realtime")
+    sched.worker_ready(sched.slots[0])
+    assert started(sched.dispatch()) == [jobs[0].task_id]
+    assert admit(sched).state == JobState.QUEUED   # room again
+
+
+def test_preemption_pauses_at_once_and_keeps_the_share_floor_over_a_minute():
+    sched, clock, slots = make({"rt": {"kind": "null", "priority": "realtime"},
+                                "bt": {"kind": "null", "priority": "batch",
+                                       "preemptible": True}},
+                               yields_to={"bt": ["rt"]})
+    (bt_slot,), (rt_slot,) = slots["bt"], slots["rt"]
+    image = admit(sched, "bt", "batch", timeout_ms=0)
+    effects = sched.dispatch()
+    assert started(effects) == [image.task_id] and not of(effects, Signal)
+    # a realtime request arrives: the batch job is paused in the same dispatch
+    chat = admit(sched, "rt", "realtime")
+    effects = sched.dispatch()
+    assert started(effects) == [chat.task_id]
+    assert [(s.slot, s.job, s.op) for s in of(effects, Signal)] == \
+        [(bt_slot, image, WorkerMsg.PAUSE)]
+    assert sched.domains["bt"].paused and sched.domains["bt"].preemptions == 1
+    # a minute of back-to-back realtime jobs, 10 ms ticks; each chat takes 200 ms
+    paused, run_s, paused_s, signals = True, 0.0, 0.0, 0
+    chat_ends = clock.t + 0.2
+    start = clock.t
+    while clock.t < start + 60:
+        now = clock.advance(0.01)
+        if paused:
+            paused_s += 0.01
+        else:
+            run_s += 0.01
+        effects: list[Any] = []
+        if now >= chat_ends:
+            effects += sched.job_done(rt_slot, chat.task_id, {})
+            chat = admit(sched, "rt", "realtime")
+            chat_ends = now + 0.2
+            effects += sched.dispatch()
+        effects += sched.tick(now)
+        for s in of(effects, Signal):
+            assert s.slot is bt_slot and s.job is image
+            paused = s.op == WorkerMsg.PAUSE
+            signals += 1
+    share = run_s / (run_s + paused_s)
+    assert 0.27 <= share <= 0.33, share          # the 30 % floor (gpu_allocation.image)
+    assert signals >= 60                          # turns, not one long stretch
+    # realtime work stops: the batch job resumes on the next tick
+    sched.job_done(rt_slot, chat.task_id, {})
+    effects = sched.tick(clock.advance(0.01))
+    if paused:
+        assert [s.op for s in of(effects, Signal)] == [WorkerMsg.RESUME]
+    assert not sched.domains["bt"].paused
+    assert image.state == JobState.RUNNING        # never cancelled, only paused
+
+
+def test_deadlines_of_queued_and_running_jobs():
+    sched, clock, slots = make({"n": {"kind": "null"}})
+    (slot,) = slots["n"]
+    running = admit(sched, timeout_ms=300)
+    sched.dispatch()
+    queued = admit(sched, timeout_ms=100)
+    no_deadline = admit(sched, timeout_ms=0)
+    assert sched.tick(clock.advance(0.099)) == []
+    effects = sched.tick(clock.advance(0.002))
+    assert [e.job for e in of(effects, Ended)] == [queued]
+    assert queued.state == JobState.FAILED and queued.error["code"] == Code.TIMEOUT
+    assert "waited in the queue" in queued.error["message"]
+    assert queued not in sched.domains["n"].queue
+    effects = sched.tick(clock.advance(0.2))
+    assert [(s.job, s.op) for s in of(effects, Signal)] == [(running, WorkerMsg.CANCEL)]
+    assert running.state == JobState.RUNNING      # until the worker confirms
+    assert sched.tick(clock.advance(0.05)) == []  # asked once
+    # a client's cancel now does not change how the job ends: the deadline came first
+    assert sched.cancel(running) == []
+    effects = sched.job_failed(slot, running.task_id, Code.CANCELLED, "cancelled")
+    assert [e.job for e in of(effects, Ended)] == [running]
+    assert running.state == JobState.FAILED and running.error["code"] == Code.TIMEOUT
+    assert "ran past its deadline" in running.error["message"]
+    assert started(sched.dispatch()) == [no_deadline.task_id]
+    assert sched.tick(clock.advance(3600)) == []
+
+
+def test_default_timeouts_by_priority():
+    sched, clock, _ = make({"n": {"kind": "null"}}, ready=False, request_timeout_ms=5000,
+                           batch_timeout_ms=60000)
+    assert admit(sched).deadline == clock.t + 5
+    assert admit(sched, priority="batch").deadline == clock.t + 60
+
+
+def test_a_worker_lost_mid_job_retries_once_then_fails():
+    sched, _, slots = make({"n": {"kind": "null"}})
+    (slot,) = slots["n"]
+    job = admit(sched)
+    sched.dispatch()
+    slot.state = SlotState.BACKOFF                # the supervisor scheduled the restart
+    effects = sched.worker_lost(slot, "exited with signal 9")
+    assert of(effects, Requeued) and slot.job is None and job.slot is None
+    assert sched.dispatch() == []                 # no ready slot until the restart
+    sched.worker_ready(slot)
+    assert started(sched.dispatch()) == [job.task_id] and job.attempts == 2
+    slot.state = SlotState.BACKOFF
+    effects = sched.worker_lost(slot, "exited with signal 11")
+    assert [e.job for e in of(effects, Ended)] == [job]
+    assert job.error["code"] == Code.WORKER_CRASHED and "signal 11" in job.error["message"]
+    assert sched.domains["n"].failed == 1
+
+
+def test_a_memory_kill_fails_the_job_without_retry():
+    sched, _, slots = make({"n": {"kind": "null"}})
+    job = admit(sched)
+    sched.dispatch()
+    effects = sched.worker_lost(slots["n"][0], "memory_limit", memory_mb=150)
+    assert [e.job for e in of(effects, Ended)] == [job] and job.attempts == 1
+    assert job.error["code"] == Code.MEMORY_LIMIT and "150 MB" in job.error["message"]
+
+
+def test_a_stray_done_does_not_free_the_slot_of_its_running_job():
+    sched, _, slots = make({"n": {"kind": "null"}})
+    (slot,) = slots["n"]
+    job = admit(sched)
+    sched.dispatch()
+    assert sched.job_done(slot, "nul_not_this_one", {}) == []
+    assert slot.job is job and slot.state == SlotState.BUSY
+    assert of(sched.job_done(slot, job.task_id, {"x": 1}), Ended)
+    assert job.result["x"] == 1 and "generation_time_ms" in job.result
+
+
+def test_restart_recovery_requeues_an_interrupted_job_once_then_fails_it():
+    sched, _, _ = make({"n": {"kind": "null"}}, ready=False)
+    first = sched.admit(sched.domains["n"], {}, "normal")
+    store_copy = [first]
+    # as read back from the store after a stop cut the job off mid-run
+    for job in store_copy:
+        job.state = JobState.RUNNING
+    sched2, _, _ = make({"n": {"kind": "null"}}, ready=False)
+    effects = sched2.restore(first, None)
+    assert [type(e) for e in effects] == [Requeued]
+    assert first.state == JobState.QUEUED and first.interrupted == 1
+    assert list(sched2.domains["n"].queue) == [first]
+    first.state = JobState.RUNNING                # interrupted a second time
+    sched3, _, _ = make({"n": {"kind": "null"}}, ready=False)
+    effects = sched3.restore(first, None)
+    assert [type(e) for e in effects] == [Ended]
+    assert first.state == JobState.FAILED and first.error["code"] == Code.INTERRUPTED
+    assert len(sched3.domains["n"].queue) == 0 and first not in sched3.jobs.live
+    # a job of a domain no longer configured fails; queued ones keep their order
+    gone = sched.admit(sched.domains["n"], {}, "normal")
+    gone.domain = "removed"
+    q1, q2 = (sched.admit(sched.domains["n"], {}, "normal") for _ in range(2))
+    sched4, _, _ = make({"n": {"kind": "null"}}, ready=False)
+    assert of(sched4.restore(gone, None), Ended) and gone.error["code"] == \
+        Code.ENGINE_UNAVAILABLE
+    for job in (q2, q1):                          # read back in any order
+        assert sched4.restore(job, None) == []
+    assert list(sched4.domains["n"].queue) == [q1, q2]
+    sched4.continue_sequence(q2.seq)
+    assert sched4.admit(sched4.domains["n"], {}, "normal").seq == q2.seq + 1
+
+
+def test_cancel_of_queued_and_running_jobs():
+    sched, _, slots = make({"n": {"kind": "null"}})
+    (slot,) = slots["n"]
+    running, queued = admit(sched), None
+    sched.dispatch()
+    queued = admit(sched)
+    effects = sched.cancel(queued)
+    assert [e.job for e in of(effects, Ended)] == [queued]
+    assert queued.state == JobState.CANCELLED and len(sched.domains["n"].queue) == 0
+    assert sched.cancel(queued) == []             # finished: nothing to do
+    effects = sched.cancel(running)
+    assert [(s.slot, s.job, s.op) for s in effects] == [(slot, running, WorkerMsg.CANCEL)]
+    assert running.state == JobState.RUNNING and slot.job is running
+    effects = sched.job_failed(slot, running.task_id, Code.CANCELLED, "cancelled")
+    assert [e.job for e in of(effects, Ended)] == [running]
+    assert running.state == JobState.CANCELLED and slot.idle
+    assert sched.domains["n"].cancelled == 2
+    # a cancelled job whose worker dies before confirming still ends cancelled, not retried
+    job = admit(sched)
+    sched.dispatch()
+    sched.cancel(job)
+    effects = sched.worker_lost(slot, "exited with signal 9")
+    assert of(effects, Ended) and job.state == JobState.CANCELLED
+
+
+def test_engine_failure_fails_the_queue_and_refuses_new_jobs_until_a_worker_loads():
+    sched, _, slots = make({"n": {"kind": "null", "workers": 2}}, ready=False)
+    jobs = [admit(sched) for _ in range(3)]
+    a, b = slots["n"]
+    assert sched.worker_load_failed(a, "no such model") == []   # one slot may still load
+    effects = sched.worker_load_failed(b, "no such model")
+    assert [type(e) for e in effects] == [DomainHealth] + [Ended] * 3
+    assert all(j.error["code"] == Code.ENGINE_UNAVAILABLE for j in jobs)
+    with pytest.raises(ProtocolError) as exc:
+        admit(sched)
+    assert exc.value.code == Code.ENGINE_UNAVAILABLE and "no such model" in exc.value.message
+    assert of(sched.worker_ready(a), DomainHealth)
+    assert admit(sched).state == JobState.QUEUED
+
+
+def test_stop_requeues_batch_work_and_gives_realtime_work_its_grace():
+    sched, clock, slots = make({"rt": {"kind": "null", "priority": "realtime"},
+                                "bt": {"kind": "null", "priority": "batch"}},
+                               shutdown_grace_s=2.0)
+    chat, image = admit(sched, "rt", "realtime"), admit(sched, "bt", "batch")
+    sched.dispatch()
+    waiting = admit(sched, "bt", "batch")
+    effects = sched.stop(clock())
+    assert [(s.job, s.op) for s in effects] == [(image, WorkerMsg.CANCEL)]
+    with pytest.raises(ProtocolError) as exc:
+        admit(sched, "rt", "realtime")
+    assert exc.value.code == Code.SHUTTING_DOWN
+    effects = sched.job_failed(slots["bt"][0], image.task_id, Code.CANCELLED, "cancelled")
+    assert [type(e) for e in effects] == [Requeued] and image.state == JobState.QUEUED
+    assert sched.dispatch() == [] and waiting.state == JobState.QUEUED   # nothing starts
+    assert not sched.drained(clock())             # the chat is still running
+    assert sched.tick(clock.advance(1.0)) == []
+    effects = sched.tick(clock.advance(1.5))      # past the grace
+    assert [(s.job, s.op) for s in effects] == [(chat, WorkerMsg.CANCEL)]
+    sched.job_failed(slots["rt"][0], chat.task_id, Code.CANCELLED, "cancelled")
+    assert chat.error["code"] == Code.INTERRUPTED and sched.drained(clock())
+
+
+def test_failures_keep_their_code_and_completed_jobs_teach_the_estimates():
+    sched, clock, slots = make({"n": {"kind": "null"}})
+    (slot,) = slots["n"]
+    job = admit(sched)
+    sched.dispatch()
+    sched.job_failed(slot, job.task_id, Code.CONTEXT_OVERFLOW, "prompt too long")
+    assert job.error == {"code": Code.CONTEXT_OVERFLOW, "message": "prompt too long"}
+    for _ in range(3):
+        job = admit(sched)
+        sched.dispatch()
+        clock.advance(0.5)
+        sched.job_done(slot, job.task_id, {})
+    assert 499 <= sched.domains["n"].estimate(admit(sched)) <= 501
+    assert failed("", "x").code == Code.ENGINE_ERROR  # a failure always has a code
+
+
+def test_the_scheduler_imports_neither_zmq_nor_the_store():
+    import subprocess
+    import sys
+    code = ("import sys, resisod.scheduler; "
+            "print(','.join(m for m in ('zmq', 'resisod.store', 'sqlite3') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == ""
