@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 import msgpack
 
 from .jobs import Job
-from .protocol import JobState
+from .protocol import JobState, pack
 
 JOURNAL_TRUNCATE_BYTES = 1 << 20
 FSYNC_EVERY_S = 1.0
@@ -65,7 +65,7 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [m001_jobs]
 
 
 def _pack(v: Any) -> bytes | None:
-    return None if v is None else msgpack.packb(v, use_bin_type=True)
+    return None if v is None else pack(v)
 
 
 def _unpack(v: bytes | None) -> Any:
@@ -160,7 +160,7 @@ class JobStore:
                  j.attempts, j.interrupted, int(j.detached), _pack(j.result), _pack(j.error))
                 for j in self.pending.values()]
         self.pending.clear()
-        frame = msgpack.packb(rows, use_bin_type=True)
+        frame = pack(rows)
         with self.journal_lock:
             os.write(self.jfd, FRAME.pack(len(frame)) + frame)
             self.appended += 1
