@@ -15,6 +15,7 @@ import itertools
 import math
 import os
 import time
+import weakref
 from typing import Any, Iterator
 
 import zmq
@@ -59,6 +60,12 @@ class Client:
         self._rcvtimeo = -1
         self._rids = itertools.count(1)
         self._inbox: dict[Any, collections.deque] = collections.defaultdict(collections.deque)
+        # streams still waiting for their final event, kept alive by every wait of this
+        # client (a `cancel` or `status` call included); a stream the caller dropped is
+        # forgotten, and the daemon cancels its job once it stops hearing about it
+        self._streams: weakref.WeakValueDictionary[Any, JobStream] = \
+            weakref.WeakValueDictionary()
+        self._last_alive = time.monotonic()
 
     def __enter__(self) -> "Client":
         return self
@@ -75,6 +82,19 @@ class Client:
         self.sock.send(pack(request(op, rid, **fields)))
         return rid
 
+    def keep_alive(self, now: float) -> float | None:
+        """Tell the daemon the open streams still listen, when due; returns the seconds
+        until the next time (None: no open stream)."""
+        streams = list(self._streams.values())
+        if not streams:
+            return None
+        interval = min(s.alive_s for s in streams)
+        if now - self._last_alive >= interval:
+            # a streaming job whose client stops saying this is cancelled by the daemon
+            self.send(Op.ALIVE, rids=[s.rid for s in streams])
+            self._last_alive = now
+        return max(0.0, self._last_alive + interval - now)
+
     def recv(self, rid: Any, timeout: float | None) -> dict[str, Any] | None:
         """The next event for `rid`, or None after `timeout` seconds without one."""
         box = self._inbox.get(rid)
@@ -83,21 +103,30 @@ class Client:
         deadline = None if timeout is None else time.monotonic() + timeout
         sock = self.sock
         while True:
+            now = time.monotonic()
+            alive_in = self.keep_alive(now)
+            left = None if deadline is None else deadline - now
+            if alive_in is not None and (left is None or alive_in < left):
+                left = alive_in
             # a blocking recv with a receive timeout: one wake-up per event, where poll-then-
             # recv costs a poller per call
-            wait = -1 if deadline is None else \
-                max(0, math.ceil((deadline - time.monotonic()) * 1000))
+            wait = -1 if left is None else max(0, math.ceil(left * 1000))
             if wait != self._rcvtimeo:
                 sock.setsockopt(RCVTIMEO, wait)
                 self._rcvtimeo = wait
             try:
                 frame = sock.recv()
             except zmq.Again:
-                return None
+                if deadline is not None and time.monotonic() >= deadline:
+                    return None
+                continue  # an alive was due
             msg = unpack(frame, max_bytes=HARD_FRAME_LIMIT)
-            if msg.get("rid") == rid:
+            other = msg.get("rid")
+            if other == rid:
                 return msg
-            self._inbox[msg.get("rid")].append(msg)
+            if msg.get("event") in FINAL_EVENTS:
+                self._streams.pop(other, None)  # it has all it waits for: stop the alives
+            self._inbox[other].append(msg)
 
     def call(self, op: str, **fields: Any) -> dict[str, Any]:
         rid = self.send(op, **fields)
@@ -192,7 +221,7 @@ class JobStream:
         self.accepted: dict[str, Any] | None = None
         self.alive_s = 0.5
         self._pending: collections.deque = collections.deque()
-        self._last_alive = time.monotonic()
+        client._streams[rid] = self
         if not acked:
             return
         first = self._next(client.timeout)
@@ -204,17 +233,14 @@ class JobStream:
         self._pending.append(first)
 
     def _next(self, timeout: float | None) -> dict[str, Any]:
-        """Next event; keeps the daemon told that we still listen; notices a dead daemon."""
+        """Next event (the client keeps the daemon told we listen); notices a dead daemon."""
         deadline = None if timeout is None else time.monotonic() + timeout
         silent_since = time.monotonic()
         while True:
-            now = time.monotonic()
-            if now - self._last_alive >= self.alive_s:
-                # a streaming job whose client stops saying this is cancelled by the daemon
-                self.client.send(Op.ALIVE, rids=[self.rid])
-                self._last_alive = now
             ev = self.client.recv(self.rid, timeout=self.alive_s)
             if ev is not None:
+                if ev.get("event") in FINAL_EVENTS:
+                    self.client._streams.pop(self.rid, None)
                 return ev
             now = time.monotonic()
             if now - silent_since > 3.0:

@@ -24,7 +24,7 @@ from .client_ops import ClientOps
 from .outbox import Outbox
 from .paths import SocketClaim
 from .protocol import HARD_FRAME_LIMIT, WorkerMsg
-from .scheduler import DomainHealth, Ended, Requeued, Scheduler, Signal, Start
+from .scheduler import DomainHealth, Ended, Kill, Requeued, Scheduler, Signal, Start
 from .sdnotify import Notifier
 from .store import JobStore
 from .subscriptions import Subscriptions
@@ -62,7 +62,7 @@ class Broker:
         claim.after_bind()
         if os.path.exists(worker_path):
             os.unlink(worker_path)  # ours by the lock we hold: a leftover of a dead daemon
-        self.workers = self._router(f"ipc://{worker_path}")
+        self.workers = self._router(f"ipc://{worker_path}", mandatory=True)
         os.chmod(worker_path, 0o600)
         self.outbox = Outbox()
         self.subs = Subscriptions(self.outbox, sched, silence_s=max(4 * self.hb, 1.0))
@@ -75,8 +75,10 @@ class Broker:
             max_request_bytes=cfg["daemon"]["max_request_bytes"],
             alive_ms=round(self.hb * 1000))
 
-    def _router(self, endpoint: str) -> zmq.Socket:
+    def _router(self, endpoint: str, *, mandatory: bool = False) -> zmq.Socket:
         s = self.ctx.socket(zmq.ROUTER)
+        if mandatory:  # a send to a peer that is gone fails instead of vanishing
+            s.setsockopt(zmq.ROUTER_MANDATORY, 1)
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.MAXMSGSIZE, HARD_FRAME_LIMIT)
         s.setsockopt(zmq.SNDHWM, HWM)
@@ -182,6 +184,9 @@ class Broker:
                           (job.started_at - job.created_at) * 1000)
             elif kind is Signal:
                 self.link.signal(*e)
+            elif kind is Kill:
+                log.warning("killing worker %s: %s", e.slot.name, e.reason)
+                self.supervisor.kill(e.slot, e.reason)
             elif kind is Requeued:
                 self.store.update(e.job)
                 self.subs.requeued(e.job, e.reason)

@@ -96,6 +96,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "result_ttl_hours": Key(24.0, _num(0)),
         "shutdown_grace_s": Key(10.0, _num(0, 3600)),
         "restart_backoff_max_s": Key(30.0, _num(0.1, 3600)),
+        "cancel_grace_s": Key(2.0, _num(0.1, 3600)),
     },
     "logging": {
         "level": Key("INFO", _str(LOG_LEVELS)),

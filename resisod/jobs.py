@@ -49,6 +49,7 @@ class Job:
     # set when a cancel is sent to the worker: how the job ends once the worker stops it,
     # decided where the cause was known (a deadline, a client, a shutdown)
     on_cancel: "Outcome | None" = None
+    stop_by: float | None = None        # monotonic; a worker not done with the cancel by then is killed
     detached: bool = False              # submitted without a streaming client: never auto-cancel
     last_position: int = -1             # the queue position last told to watchers
     step_mark: float = 0.0              # monotonic time of dispatch, then of the last step

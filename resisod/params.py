@@ -115,6 +115,8 @@ def null(p: dict[str, Any], domain: dict[str, Any]) -> dict[str, Any]:
         "steps": _int(p, "steps", 0, 1000000, domain["steps"]),
         "delay_ms": _num(p, "delay_ms", 0, 3600000, domain["delay_ms"]),
         "alloc_mb": _int(p, "alloc_mb", 0, 1000000, 0),
+        # hold the worker without a checkpoint, as an engine stuck in native code would
+        "block_ms": _num(p, "block_ms", 0, 3600000, 0),
         "crash": field(p, "crash", bool, default=False),
         "fail": field(p, "fail", str, default=""),
         "write_file": field(p, "write_file", bool, default=False),

@@ -6,6 +6,7 @@ tick, a stop) and applies the effects each call returns, in order:
 
     Start(slot, job)        send the job to that worker; its watchers hear `started`
     Signal(slot, job, op)   tell the worker running the job to pause, resume or cancel
+    Kill(slot, reason)      the worker did not stop a cancelled job in time: kill it
     Requeued(job, reason)   the job went back to its queue (a retry)
     Ended(job)              the job reached a finished state; tell its watchers
     DomainHealth(domain)    the domain became unavailable, or recovered
@@ -49,6 +50,11 @@ class Signal(NamedTuple):
     op: str                      # WorkerMsg.PAUSE / RESUME / CANCEL
 
 
+class Kill(NamedTuple):
+    slot: Slot
+    reason: str
+
+
 class Requeued(NamedTuple):
     job: Job
     reason: str
@@ -89,6 +95,9 @@ class Scheduler:
                           for b, rts in (yields_to or {}).items()}
         self.turns = {b: preemption.Turn() for b in self.yields_to}
         self.floor = cfg["resources"]["gpu_allocation"]["image"] / 100.0
+        # a cancel is a request: an engine stuck between checkpoints (native code, a hung
+        # device) never reads it, so past this grace its worker process is killed
+        self.cancel_grace = cfg["daemon"]["cancel_grace_s"]
         self._out: list[Any] = []
 
     def _take(self) -> list[Any]:
@@ -318,16 +327,22 @@ class Scheduler:
         elif job.on_cancel is None:
             job.on_cancel = outcome
             if job.slot is not None:
+                job.stop_by = self.clock() + self.cancel_grace
                 self._out.append(Signal(job.slot, job, WorkerMsg.CANCEL))
 
     def tick(self, now: float) -> list[Any]:
-        """Deadlines, preemption turns and the shutdown deadline."""
+        """Deadlines, cancels past their grace, preemption turns, the shutdown deadline."""
         self.dispatch_due = True  # a cheap safety net: no state change can strand a job
         for job in [j for j in self.jobs.live if j.deadline is not None and now >= j.deadline]:
             if job.state == JobState.QUEUED:
                 self.end(job, WAITED_PAST_DEADLINE)
             else:
                 self._cancel(job, RAN_PAST_DEADLINE)
+        for job in [j for j in self.jobs.live if j.stop_by is not None and now >= j.stop_by]:
+            job.stop_by = None  # killed once; the reaper settles the job with its on_cancel
+            if job.slot is not None:
+                self._out.append(Kill(job.slot, f"it did not stop job {job.task_id} within "
+                                                f"{self.cancel_grace:g}s of a cancel"))
         if self.yields_to:
             self._preempt(now)
         if self.stopping and now >= self.stop_deadline:
@@ -363,7 +378,7 @@ class Scheduler:
             domain.running.discard(job)
             if job.state == JobState.QUEUED:
                 domain.queue.remove(job)
-        job.slot, job.on_cancel, job.paused = None, None, False
+        job.slot, job.on_cancel, job.stop_by, job.paused = None, None, None, False
         if outcome.retry:
             job.state, job.progress = JobState.QUEUED, None
             domain.queue.push(job)

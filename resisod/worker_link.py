@@ -21,7 +21,8 @@ from .supervisor import Supervisor
 
 log = logging.getLogger("resisod")
 
-SNDMORE = int(zmq.SNDMORE)  # a plain int: pyzmq's enum flags cost an operation per send
+# plain ints: pyzmq's enum flags cost an operation per send
+SNDMORE, NOBLOCK = int(zmq.SNDMORE), int(zmq.NOBLOCK)
 # partial events that change what the scheduler knows of a job (the rest are only relayed)
 STATEFUL_PARTIALS = frozenset({Event.PROGRESS, Event.PAUSED, Event.RESUMED})
 NOT_FIELDS = frozenset({"op", "task_id", "event"})
@@ -58,11 +59,15 @@ class WorkerLink:
                     self.sched.partial(job, name, fields)
                 self.subs.partial(job, name, fields)
             return NOTHING
-        if op == WorkerMsg.DONE:
-            return self.sched.job_done(slot, msg.get("task_id"), msg.get("result"))
-        if op == WorkerMsg.FAILED:
-            return self.sched.job_failed(slot, msg.get("task_id"),
-                                         msg.get("code", Code.ENGINE_ERROR),
+        if op in (WorkerMsg.DONE, WorkerMsg.FAILED):
+            task_id = msg.get("task_id")
+            if self.sched.running_job(slot, task_id) is None:
+                log.warning("worker %s reported %s for %r, which it is not running; ignored",
+                            slot.name, op, task_id)
+                return NOTHING
+            if op == WorkerMsg.DONE:
+                return self.sched.job_done(slot, task_id, msg.get("result"))
+            return self.sched.job_failed(slot, task_id, msg.get("code", Code.ENGINE_ERROR),
                                          msg.get("message", ""))
         if op == WorkerMsg.HELLO:
             slot.state = SlotState.LOADING
@@ -96,8 +101,15 @@ class WorkerLink:
 
     # --- out (sent at once) -----------------------------------------------------------------------
     def send_now(self, slot: Slot, msg: dict[str, Any]) -> None:
-        self.sock.send(slot.identity, SNDMORE)
-        self.sock.send(pack(msg))
+        """Send to a worker at once. The worker ROUTER is ROUTER_MANDATORY: a worker that is
+        no longer connected (or not reading) refuses the message, and is treated as lost."""
+        try:
+            self.sock.send(slot.identity, SNDMORE | NOBLOCK)
+            self.sock.send(pack(msg), NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.warning("worker %s refused a %s message (%s); treating it as lost", slot.name,
+                        msg.get("op"), exc.strerror)
+            self.supervisor.kill(slot, f"unreachable: {exc.strerror}")
 
     def run(self, slot: Slot, job: Job) -> None:
         self.send_now(slot, {"op": WorkerMsg.RUN, "task_id": job.task_id,
@@ -110,9 +122,16 @@ class WorkerLink:
         beat = pack({"op": WorkerMsg.HEARTBEAT})
         for slot in self.supervisor.slots:
             if slot.proc is not None:
-                self.sock.send_multipart([slot.identity + HEARTBEAT_SUFFIX, beat])
+                try:
+                    self.sock.send_multipart([slot.identity + HEARTBEAT_SUFFIX, beat], NOBLOCK)
+                except zmq.ZMQError:
+                    pass  # not connected yet (starting), or gone: its silence tells the reaper
 
     def shutdown(self) -> None:
+        bye = pack({"op": WorkerMsg.SHUTDOWN})
         for slot in self.supervisor.slots:
             if slot.identity:
-                self.sock.send_multipart([slot.identity, pack({"op": WorkerMsg.SHUTDOWN})])
+                try:
+                    self.sock.send_multipart([slot.identity, bye], NOBLOCK)
+                except zmq.ZMQError:
+                    pass  # already gone; the supervisor's SIGTERM follows anyway

@@ -249,7 +249,7 @@ def test_status_reports_workers_and_counts(null_daemon):
     # RSS is sampled at every heartbeat (200 ms here): a live worker reports a real size
     w = wait_for(lambda: next((x for x in null_daemon.status()["domains"]["null"]["workers"]
                                if x["rss_mb"] is not None), None), 5, what="an RSS sample")
-    assert 5 < w["rss_mb"] < 4096, w
+    assert 0 < w["rss_mb"] < 4096, w  # a sample right after exec can be ~2 MB
 
 
 def test_daemon_side_imports_no_model_library():

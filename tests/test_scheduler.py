@@ -12,7 +12,7 @@ import pytest
 from resisod import config
 from resisod.jobs import failed
 from resisod.protocol import Code, JobState, ProtocolError, WorkerMsg
-from resisod.scheduler import DomainHealth, Ended, Requeued, Scheduler, Signal, Start
+from resisod.scheduler import DomainHealth, Ended, Kill, Requeued, Scheduler, Signal, Start
 from resisod.slots import Slot, SlotState
 
 
@@ -184,6 +184,33 @@ def test_deadlines_of_queued_and_running_jobs():
     assert "ran past its deadline" in running.error["message"]
     assert started(sched.dispatch()) == [no_deadline.task_id]
     assert sched.tick(clock.advance(3600)) == []
+
+
+def test_a_worker_that_does_not_stop_within_the_grace_is_killed():
+    sched, clock, slots = make({"n": {"kind": "null"}}, cancel_grace_s=2.0)
+    (slot,) = slots["n"]
+    stuck = admit(sched, timeout_ms=300)
+    sched.dispatch()
+    effects = sched.tick(clock.advance(0.3))      # the deadline: a cancel is sent
+    assert [s.op for s in of(effects, Signal)] == [WorkerMsg.CANCEL]
+    assert sched.tick(clock.advance(1.99)) == []  # the engine may still reach a checkpoint
+    effects = sched.tick(clock.advance(0.02))
+    assert [(k.slot, type(k)) for k in effects] == [(slot, Kill)]
+    assert stuck.task_id in effects[0].reason and "2s" in effects[0].reason
+    assert sched.tick(clock.advance(1.0)) == []   # killed once
+    slot.state = SlotState.BACKOFF                # the reaper found the process gone
+    effects = sched.worker_lost(slot, effects[0].reason)
+    assert [e.job for e in of(effects, Ended)] == [stuck]
+    assert stuck.error["code"] == Code.TIMEOUT    # the outcome the deadline decided
+    # a worker that confirms within the grace is left alone
+    sched.worker_ready(slot)
+    quick = admit(sched)
+    sched.dispatch()
+    sched.cancel(quick)
+    clock.advance(1.0)
+    sched.job_failed(slot, quick.task_id, Code.CANCELLED, "cancelled")
+    assert quick.state == JobState.CANCELLED and quick.stop_by is None
+    assert sched.tick(clock.advance(5.0)) == []
 
 
 def test_default_timeouts_by_priority():

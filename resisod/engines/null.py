@@ -1,8 +1,9 @@
 """The `null` engine: no model. For tests and benchmarks only; never a configured default.
 
 It emits `steps` progress events with `delay_ms` between them, and can be asked to hold
-memory (`alloc_mb`), crash the worker (`crash`) or fail with a code (`fail`), so the daemon's
-supervision paths can be exercised with real processes.
+memory (`alloc_mb`), block without checkpoints (`block_ms`), crash the worker (`crash`) or
+fail with a code (`fail`), so the daemon's supervision paths can be exercised with real
+processes.
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ class NullEngine(Engine):
                 hold[i] = 1
         if params["crash"]:
             os._exit(70)
+        if params["block_ms"]:
+            time.sleep(params["block_ms"] / 1000.0)  # no checkpoint: cancels go unheard
         steps, delay = params["steps"], params["delay_ms"] / 1000.0
         for step in range(1, steps + 1):
             job.checkpoint()

@@ -1,0 +1,134 @@
+"""Faults with real processes: engines stuck between checkpoints, silent workers.
+
+The `null` engine's `block_ms` holds its worker in a sleep without a checkpoint, the way an
+engine stuck in native code would: the worker's heartbeat thread keeps beating, so only the
+cancel grace can free the slot.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from .conftest import wait_for
+
+CONFIG = """
+[daemon]
+heartbeat_ms = 100
+cancel_grace_s = 1.0
+[domains.null]
+kind = "null"
+workers = 1
+"""
+GRACE = 1.0
+
+
+def test_a_deadline_on_a_blocked_job_ends_it_within_the_grace(make_daemon):
+    d = make_daemon(CONFIG)
+    with d.client() as c:
+        t = time.monotonic()
+        final = c.submit("null", {"block_ms": 60000}, timeout_ms=300).wait()
+        took = time.monotonic() - t
+        assert final["event"] == "error" and final["code"] == "timeout", final
+        assert took < 0.3 + GRACE + 1.0, took
+        # the worker was killed and restarted: the next job runs
+        assert c.submit("null", {"steps": 2}).wait()["event"] == "result"
+        w = c.status()["domains"]["null"]["workers"][0]
+    assert w["restarts"] == 1 and "did not stop" in w["last_error"], w
+    assert "killing worker null.0" in d.read_log()
+
+
+def test_a_cancel_of_a_blocked_job_lands_within_the_grace(make_daemon):
+    d = make_daemon(CONFIG)
+    with d.client() as c:
+        stream = c.submit("null", {"block_ms": 60000})
+        wait_for(lambda: c.get(stream.task_id)["status"] == "running", what="running")
+        t = time.monotonic()
+        answer = c.cancel(stream.task_id)
+        took = time.monotonic() - t
+        assert answer["cancelled"] is True and answer["status"] == "cancelled", answer
+        assert GRACE - 0.1 < took < GRACE + 1.0, took
+        final = stream.wait()
+        assert final["event"] == "cancelled", final
+        assert c.submit("null", {}).wait()["event"] == "result"
+
+
+def test_a_stopped_worker_is_found_silent_and_its_job_retried(make_daemon):
+    d = make_daemon(CONFIG)
+    with d.client() as c:
+        stream = c.submit("null", {"steps": 20, "delay_ms": 50})
+        wait_for(lambda: c.get(stream.task_id)["status"] == "running", what="running")
+        pid = c.status()["domains"]["null"]["workers"][0]["pid"]
+        os.kill(pid, signal.SIGSTOP)  # no heartbeats, no progress: hung
+        try:
+            final = stream.wait()
+        finally:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        assert final["event"] == "result" and final["attempts"] == 2, final
+        w = c.status()["domains"]["null"]["workers"][0]
+    assert "no heartbeat" in w["last_error"] and w["pid"] != pid, w
+
+
+def test_a_run_refused_by_a_vanished_worker_counts_as_a_lost_worker(tmp_path):
+    """The worker ROUTER is ROUTER_MANDATORY: a message to a peer that is not connected
+    fails at once, and the link hands the slot to the reaper instead of losing the job."""
+    import zmq
+
+    from resisod import config
+    from resisod.outbox import Outbox
+    from resisod.protocol import unpack
+    from resisod.scheduler import Requeued, Scheduler, Start
+    from resisod.subscriptions import Subscriptions
+    from resisod.supervisor import Supervisor
+    from resisod.worker_link import WorkerLink
+
+    class Proc:
+        pid, returncode = os.getpid(), None
+
+        def poll(self):
+            return self.returncode
+
+        def kill(self):
+            self.returncode = -9
+
+    cfg = config.build({"domains": {"n": {"kind": "null"}}})
+    endpoint = f"ipc://{tmp_path}/w"
+    sup = Supervisor(cfg, str(tmp_path), endpoint, spawn=lambda *a, **k: Proc())
+    sup.start_all()
+    (slot,) = sup.slots
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    router.bind(endpoint)
+    worker = ctx.socket(zmq.DEALER)
+    worker.setsockopt(zmq.IDENTITY, slot.identity)
+    worker.connect(endpoint)
+    try:
+        sched = Scheduler(cfg, sup.slots)
+        link = WorkerLink(router, sup, sched, Subscriptions(Outbox(), sched, silence_s=1.0))
+        worker.send(b"\x80")  # any frame: the ROUTER learns the peer's identity
+        assert router.poll(5000)
+        router.recv_multipart()
+        sched.worker_ready(slot)
+        first = sched.admit(sched.domains["n"], {}, "normal")
+        (start,) = [e for e in sched.dispatch() if type(e) is Start]
+        link.run(start.slot, start.job)
+        assert worker.poll(5000) and unpack(worker.recv())["task_id"] == first.task_id
+        sched.job_done(slot, first.task_id, {})
+        worker.close(0)  # the worker's connection goes away, its process lingers
+        time.sleep(0.3)
+        second = sched.admit(sched.domains["n"], {}, "normal")
+        (start,) = [e for e in sched.dispatch() if type(e) is Start]
+        link.run(start.slot, start.job)
+        assert slot.kill_reason.startswith("unreachable"), slot.kill_reason
+        (dead,) = sup.reap()
+        sup.schedule_restart(slot, dead[1])
+        effects = sched.worker_lost(slot, dead[1])
+        assert [type(e) for e in effects] == [Requeued] and second.state == "queued"
+    finally:
+        router.close(0)
+        worker.close(0)
+        ctx.term()
