@@ -36,11 +36,38 @@ jlog = logsetup.JobLines(log)  # job transitions: formatted at the tick's flush,
 
 TICK_S = 0.05
 POSITION_UPDATE_S = 0.25
+STALL_WARN_S = 0.1      # an iteration longer than this is logged with its slowest phase
 DRAIN_BATCH = 512          # messages per socket per turn: one busy side cannot starve the other
 HWM = 100000
 # plain ints: pyzmq's enum flags cost an enum operation per send on the hot path
 NOBLOCK, SNDMORE, POLLIN, EVENTS = (int(zmq.NOBLOCK), int(zmq.SNDMORE), int(zmq.POLLIN),
                                     int(zmq.EVENTS))
+
+
+class LoopWatch:
+    """The longest loop iteration, and a warning with its phases for any over STALL_WARN_S:
+    workers and clients wait on every iteration, so a stall is a latency for all of them."""
+
+    def __init__(self) -> None:
+        self.max_s = 0.0
+        self.stalls = 0
+        self.notice_s = 0.0       # iterations longer than this are looked at: a new maximum
+                                  # or a stall
+
+    def busy(self, t0: float, t1: float, t2: float, t3: float, t4: float) -> None:
+        took = t4 - t0
+        self.max_s = max(self.max_s, took)
+        self.notice_s = min(self.max_s, STALL_WARN_S)
+        if took > STALL_WARN_S:
+            self.stalls += 1
+            phases = {"requests": t1 - t0, "dispatch": t2 - t1, "tick": t3 - t2,
+                      "commit": t4 - t3}
+            worst = max(phases, key=phases.__getitem__)
+            log.warning("loop iteration took %.0f ms (%s %.0f ms)", took * 1000, worst,
+                        phases[worst] * 1000)
+
+    def report(self) -> dict[str, float | int]:
+        return {"max_iteration_ms": round(self.max_s * 1000, 2), "stalls": self.stalls}
 
 
 class Broker:
@@ -53,10 +80,13 @@ class Broker:
         self.clock = sched.clock
         self.hb = cfg["daemon"]["heartbeat_ms"] / 1000.0
         self.notifier = Notifier()
+        self.loop = LoopWatch()
         self.stop_requested = False
         self.started = sched.wall()
         self.next_tick = self.next_positions = self.next_heartbeat = 0.0
-        self.next_sweep = self.next_watchdog = 0.0
+        self.next_watchdog = 0.0
+        self.expiry = expiry.Expiry(store, sched.jobs, state_dir=self.state_dir,
+                                    ttl_hours=cfg["daemon"]["result_ttl_hours"])
         self.ctx = zmq.Context()
         self.client = self._router(f"ipc://{self.socket_path}")
         claim.after_bind()
@@ -71,7 +101,7 @@ class Broker:
             sched, self.subs, self.outbox, store, apply=self.apply,
             status=lambda: status.snapshot(sched, socket_path=self.socket_path,
                                            state_dir=self.state_dir, started=self.started,
-                                           gpus=gpus),
+                                           gpus=gpus, loop=self.loop.report()),
             max_request_bytes=cfg["daemon"]["max_request_bytes"],
             alive_ms=round(self.hb * 1000))
 
@@ -114,20 +144,26 @@ class Broker:
             # whole milliseconds, rounded up: pyzmq truncates, and a 0 ms timeout in the last
             # millisecond before a tick would spin the loop
             ready = dict(poller.poll(max(0, math.ceil((self.next_tick - now) * 1000))))
+            t0 = self.clock()
             if self.client in ready:
                 self.drain(self.client, from_client)
             if self.workers in ready:
                 self.drain(self.workers, self.from_worker)
             if self.stop_requested and not sched.stopping:
                 self.stop()
+            t1 = self.clock()
             if sched.dispatch_due:
                 self.apply(sched.dispatch())
-            now = self.clock()
+            now = t2 = self.clock()
             if now >= self.next_tick:
                 self.tick(now)
                 logsetup.flush()  # log lines leave within one tick, in one write
                 self.next_tick = now + TICK_S
+            t3 = self.clock()
             self.commit()
+            t4 = self.clock()
+            if t4 - t0 > self.loop.notice_s:
+                self.loop.busy(t0, t1, t2, t3, t4)
             if sched.drained(now):
                 break
         self.close()
@@ -206,10 +242,7 @@ class Broker:
             self.apply(self.sched.cancel(job))
         if self.gateway is not None:
             self.gateway.check(stopping=self.sched.stopping)
-        if now >= self.next_sweep:
-            ttl = self.cfg["daemon"]["result_ttl_hours"]
-            expiry.sweep(self.store, self.sched.jobs, ttl_hours=ttl, state_dir=self.state_dir)
-            self.next_sweep = now + expiry.sweep_interval_s(ttl)
+        self.expiry.tick(now)
         if self.notifier.watchdog_s and now >= self.next_watchdog:
             self.notifier.watchdog()
             self.next_watchdog = now + self.notifier.watchdog_s

@@ -1,9 +1,15 @@
 """The results TTL: finished jobs older than `result_ttl_hours` leave the store, with the
-result files (WAV, PNG) they point to under the state dir."""
+result files (WAV, PNG) they point to under the state dir.
+
+The loop only asks and collects: the store's writer thread selects, deletes and unlinks a
+chunk at a time (`JobStore.sweep`), so a day-old busy minute of 300k jobs expires in many
+small passes instead of one stall. While chunks come back full, the next is asked for at the
+next tick; otherwise at the sweep interval.
+"""
 from __future__ import annotations
 
 import logging
-import os
+import queue
 import time
 
 from .jobs import JobTable
@@ -17,20 +23,33 @@ def sweep_interval_s(ttl_hours: float) -> float:
     return min(60.0, max(0.5, ttl_hours * 3600 / 4))
 
 
-def sweep(store: JobStore, table: JobTable, *, ttl_hours: float, state_dir: str) -> int:
-    """Delete the expired jobs; returns how many."""
-    expired = store.expired(time.time() - ttl_hours * 3600)
-    for job in expired:
-        for key, value in (job.result or {}).items():
-            if key.endswith("_path") and isinstance(value, str) and \
-                    value.startswith(state_dir):
-                try:
-                    os.unlink(value)
-                except FileNotFoundError:
-                    pass
-        table.forget(job.task_id)
-    if expired:
-        store.delete([j.task_id for j in expired])
-        log.info("removed %d expired jobs and their files", len(expired))
-    store.checkpoint()
-    return len(expired)
+class Expiry:
+    def __init__(self, store: JobStore, table: JobTable, *, ttl_hours: float, state_dir: str):
+        self.store, self.table = store, table
+        self.ttl_s = ttl_hours * 3600
+        self.interval = sweep_interval_s(ttl_hours)
+        self.state_dir = state_dir
+        self.next_at = 0.0
+        self.asked = False        # a sweep is with the writer
+        self.removed = 0          # since the last log line
+
+    def tick(self, now: float) -> None:
+        self.collect(now)
+        if not self.asked and now >= self.next_at:
+            self.store.sweep(time.time() - self.ttl_s, self.state_dir)
+            self.asked = True
+
+    def collect(self, now: float) -> None:
+        while True:
+            try:
+                task_ids, more = self.store.swept.get_nowait()
+            except queue.Empty:
+                return
+            for task_id in task_ids:
+                self.table.forget(task_id)
+            self.removed += len(task_ids)
+            self.asked = False
+            self.next_at = now if more else now + self.interval
+            if self.removed and not more:
+                log.info("removed %d expired jobs and their files", self.removed)
+                self.removed = 0

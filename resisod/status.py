@@ -29,7 +29,7 @@ def worker_view(slot: Slot, device: str) -> dict[str, Any]:
 
 
 def snapshot(sched: Scheduler, *, socket_path: str, state_dir: str, started: float,
-             gpus: bool) -> dict[str, Any]:
+             gpus: bool, loop: dict[str, Any]) -> dict[str, Any]:
     domains = {}
     for name, d in sched.domains.items():
         workers = [worker_view(s, d.cfg["device"]) for s in sched.slots_of[name]]
@@ -46,5 +46,5 @@ def snapshot(sched: Scheduler, *, socket_path: str, state_dir: str, started: flo
                          "workers": workers, **d.stats()}
     return {"version": __version__, "pid": os.getpid(), "socket": socket_path,
             "state_dir": state_dir, "uptime_s": round(time.time() - started, 1),
-            "stopping": sched.stopping, "domains": domains,
+            "stopping": sched.stopping, "loop": loop, "domains": domains,
             "gpus": devices.probe() if gpus else []}

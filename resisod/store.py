@@ -8,6 +8,10 @@ in the database. At start-up whatever the journal still holds is replayed into S
 
 SQLite is where jobs are queried (restart recovery, `get` of old jobs, the TTL sweep). The
 schema evolves through ordered migrations recorded in `migrations`.
+
+The results TTL sweep runs on the writer thread too, in order with the upserts, in chunks of
+`SWEEP_CHUNK` rows through an index on the finish time; it deletes the result files there as
+well, so the daemon's loop never waits on a sweep. What it removed comes back on `swept`.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import sqlite3
 import struct
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import msgpack
@@ -35,6 +40,7 @@ UPSERT = ("INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
           "attempts=excluded.attempts, interrupted=excluded.interrupted, "
           "result=excluded.result, error=excluded.error")
 FRAME = struct.Struct("<I")
+SWEEP_CHUNK = 2000   # expired rows per writer pass: a pass costs tens of ms, off the loop
 
 
 def m001_jobs(db: sqlite3.Connection) -> None:
@@ -57,11 +63,24 @@ def m001_jobs(db: sqlite3.Connection) -> None:
             result       BLOB,
             error        BLOB
         ) WITHOUT ROWID""")
-    # no secondary indexes: they are read only at start-up and by the minutely TTL sweep,
-    # but would cost pages on every write
+    # no secondary index on the hot columns: each would cost pages on every write
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [m001_jobs]
+def m002_finish_index(db: sqlite3.Connection) -> None:
+    # the TTL sweep takes the oldest finished jobs a chunk at a time; only finished rows are
+    # in the index, so queued and running jobs cost it nothing
+    db.execute("CREATE INDEX jobs_by_finish ON jobs(finished_at) WHERE finished_at IS NOT NULL")
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [m001_jobs, m002_finish_index]
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A request to the writer: delete jobs finished before `before` (wall time), and the
+    result files they name under `files_under`."""
+    before: float
+    files_under: str
 
 
 def _pack(v: Any) -> bytes | None:
@@ -116,6 +135,8 @@ class JobStore:
         self.pending: dict[str, Job] = {}
         self.deadlines: dict[str, float | None] = {}
         self.batches: queue.SimpleQueue = queue.SimpleQueue()
+        # (task ids deleted, whether more expired rows remain) per sweep, from the writer
+        self.swept: queue.SimpleQueue = queue.SimpleQueue()
         self.writer = threading.Thread(target=self._apply_loop, name="store-writer",
                                        daemon=True)
         self.writer.start()
@@ -166,41 +187,71 @@ class JobStore:
             self.appended += 1
         self.batches.put(rows)
 
+    def sweep(self, before: float, files_under: str) -> None:
+        """Ask the writer to delete up to SWEEP_CHUNK jobs that finished before `before`."""
+        self.batches.put(Sweep(before, files_under))
+
     def _apply_loop(self) -> None:
         last_sync = time.monotonic()
         while True:
-            rows = self.batches.get()
-            if rows is None:
+            item = self.batches.get()
+            if item is None:
                 return
-            if not self.flushing.is_set():
+            if type(item) is not Sweep and not self.flushing.is_set():
                 self.flushing.wait(APPLY_EVERY_S)
-            groups = [rows]
-            while True:  # everything that queued up meanwhile goes in the same transaction
+            groups: list[list] = []
+            sweeps: list[Sweep] = []
+            while item is not None:  # all that queued up meanwhile goes in one transaction
+                (sweeps if type(item) is Sweep else groups).append(item)
                 try:
-                    more = self.batches.get_nowait()
+                    item = self.batches.get_nowait()
                 except queue.Empty:
                     break
-                if more is None:
+                if item is None:
                     self.batches.put(None)
-                    break
-                groups.append(more)
-            # rows are whole jobs: only the last state of each job in the group is written,
-            # so a job accepted and finished within one group costs one upsert, not three
-            latest = {row[0]: row for g in groups for row in g}
-            with self.db_lock:
-                self.db.executemany(UPSERT, latest.values())
-                self.db.commit()
-            now = time.monotonic()
-            if now - last_sync >= FSYNC_EVERY_S:
-                os.fdatasync(self.jfd)
-                last_sync = now
-            with self.journal_lock:
-                self.applied += len(groups)
-                if self.applied == self.appended and \
-                        os.fstat(self.jfd).st_size > JOURNAL_TRUNCATE_BYTES:
-                    os.ftruncate(self.jfd, 0)  # all of it is in SQLite now
-            with self.applied_cv:
-                self.applied_cv.notify_all()
+            if groups:
+                self._apply(groups)
+                now = time.monotonic()
+                if now - last_sync >= FSYNC_EVERY_S:
+                    os.fdatasync(self.jfd)
+                    last_sync = now
+            for sweep in sweeps:  # after every upsert queued before it
+                self._sweep(sweep)
+
+    def _apply(self, groups: list[list]) -> None:
+        # rows are whole jobs: only the last state of each job in the group is written,
+        # so a job accepted and finished within one group costs one upsert, not three
+        latest = {row[0]: row for g in groups for row in g}
+        with self.db_lock:
+            self.db.executemany(UPSERT, latest.values())
+            self.db.commit()
+        with self.journal_lock:
+            self.applied += len(groups)
+            if self.applied == self.appended and \
+                    os.fstat(self.jfd).st_size > JOURNAL_TRUNCATE_BYTES:
+                os.ftruncate(self.jfd, 0)  # all of it is in SQLite now
+        with self.applied_cv:
+            self.applied_cv.notify_all()
+
+    def _sweep(self, sweep: Sweep) -> None:
+        with self.db_lock:
+            rows = list(self.db.execute(
+                "SELECT task_id, result FROM jobs WHERE finished_at IS NOT NULL AND "
+                "finished_at < ? ORDER BY finished_at LIMIT ?", (sweep.before, SWEEP_CHUNK)))
+            self.db.executemany("DELETE FROM jobs WHERE task_id=?", [(r[0],) for r in rows])
+            self.db.commit()
+            more = len(rows) == SWEEP_CHUNK
+            if not more:
+                self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        for _, result in rows:
+            for key, value in (_unpack(result) or {}).items():
+                if key.endswith("_path") and isinstance(value, str) and \
+                        value.startswith(sweep.files_under):
+                    try:
+                        os.unlink(value)
+                    except FileNotFoundError:
+                        pass
+        self.swept.put(([r[0] for r in rows], more))
 
     def flush(self) -> None:
         """Wait until SQLite holds everything committed so far."""
@@ -245,21 +296,6 @@ class JobStore:
 
     def max_seq(self) -> int:
         return self._query("SELECT COALESCE(MAX(seq), 0) FROM jobs")[0][0]
-
-    def expired(self, before: float) -> list[Job]:
-        rows = self._query("SELECT * FROM jobs WHERE finished_at IS NOT NULL AND "
-                           "finished_at < ?", (before,))
-        return [self._job(r)[0] for r in rows]
-
-    def delete(self, task_ids: list[str]) -> None:
-        self.flush()  # a queued upsert must not bring a deleted row back
-        with self.db_lock:
-            self.db.executemany("DELETE FROM jobs WHERE task_id=?", [(t,) for t in task_ids])
-            self.db.commit()
-
-    def checkpoint(self) -> None:
-        with self.db_lock:
-            self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def close(self) -> None:
         self.flush()

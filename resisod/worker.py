@@ -28,6 +28,7 @@ from .engines.base import Cancelled, JobControl, JobError  # the interface only:
 from .protocol import HARD_FRAME_LIMIT, HEARTBEAT_SUFFIX, Code, WorkerMsg, pack, unpack
 
 PR_SET_PDEATHSIG = 1
+DAEMON_SILENCE_S = 10.0
 # plain ints: pyzmq's enum constants cost an enum lookup per call at every token
 RCVTIMEO, EVENTS, POLLIN = int(zmq.RCVTIMEO), int(zmq.EVENTS), int(zmq.POLLIN)
 
@@ -53,7 +54,8 @@ def _socket(ctx: zmq.Context, identity: bytes, endpoint: str) -> zmq.Socket:
 
 
 def heartbeat_loop(ctx: zmq.Context, identity: bytes, endpoint: str, interval: float) -> None:
-    """Beat every interval; exit the process once the daemon has been silent 3 intervals."""
+    """Beat every interval; exit the process once the daemon has been silent for
+    `daemon_silence_s(interval)`."""
     s = _socket(ctx, identity + HEARTBEAT_SUFFIX, endpoint)
     beat = pack({"op": WorkerMsg.HEARTBEAT})
     last_heard = time.monotonic()
@@ -64,8 +66,16 @@ def heartbeat_loop(ctx: zmq.Context, identity: bytes, endpoint: str, interval: f
             if s.poll(left * 1000):
                 s.recv()
                 last_heard = time.monotonic()
-        if time.monotonic() - last_heard > 3 * interval:
+        if time.monotonic() - last_heard > daemon_silence_s(interval):
             os._exit(0)  # the daemon is gone; nothing of ours outlives it
+
+
+def daemon_silence_s(interval: float) -> float:
+    """How long a worker waits for a silent daemon before it exits. A daemon that dies takes
+    its local workers with it at once (PR_SET_PDEATHSIG); this limit is for a daemon that
+    stalls, and it is two orders of magnitude above the daemon's stall budget (100 ms), so a
+    slow loop iteration never costs the machine its loaded models."""
+    return max(3 * interval, DAEMON_SILENCE_S)
 
 
 class Worker:

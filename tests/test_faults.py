@@ -132,3 +132,43 @@ def test_a_run_refused_by_a_vanished_worker_counts_as_a_lost_worker(tmp_path):
         router.close(0)
         worker.close(0)
         ctx.term()
+
+
+def test_a_ttl_sweep_of_300k_jobs_never_stalls_the_loop(make_daemon, tmp_path):
+    """A busy day expiring at once: the sweep runs in chunks on the store's writer thread,
+    jobs keep running meanwhile, no loop iteration reaches 100 ms, no worker is lost."""
+    import sqlite3
+
+    from resisod.protocol import pack
+    from resisod.store import JobStore
+
+    state = str(tmp_path / "state")
+    JobStore(os.path.join(state, "jobs.db")).close()  # the schema, by the store's migrations
+    old = time.time() - 3 * 86400
+    n = 300_000
+    result = pack({"steps": 0, "generation_time_ms": 1.0})
+    db = sqlite3.connect(os.path.join(state, "jobs.db"))
+    db.executemany("INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", (
+        (f"nul_{i:016x}", i, "null", "null", "normal", "completed", pack({}), old + i * 1e-4,
+         old + i * 1e-4, old + i * 1e-4, None, 1, 0, 0, result, None) for i in range(1, n + 1)))
+    db.commit()
+    db.close()
+    config = CONFIG.replace("cancel_grace_s = 1.0", "cancel_grace_s = 1.0\nresult_ttl_hours = 24")
+    d = make_daemon(config, state_dir=state)
+    ran = 0
+    with d.client() as c:
+        deadline = time.monotonic() + 120
+        while "removed" not in d.read_log():
+            assert time.monotonic() < deadline, "the sweep did not finish"
+            assert c.run("null", {})["event"] == "result"
+            ran += 1
+        st = c.status()
+    assert ran > 10
+    assert st["loop"]["max_iteration_ms"] < 100, st["loop"]
+    assert st["domains"]["null"]["workers"][0]["restarts"] == 0
+    assert f"removed {n} expired jobs" in d.read_log()
+    d.stop()
+    db = sqlite3.connect(os.path.join(state, "jobs.db"))
+    left = db.execute("SELECT COUNT(*) FROM jobs WHERE finished_at < ?", (old + 86400,))
+    assert left.fetchone()[0] == 0
+    db.close()
