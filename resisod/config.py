@@ -97,6 +97,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "shutdown_grace_s": Key(10.0, _num(0, 3600)),
         "restart_backoff_max_s": Key(30.0, _num(0.1, 3600)),
         "cancel_grace_s": Key(2.0, _num(0.1, 3600)),
+        "load_attempts": Key(3, _int(1, 1000)),
+        "failed_domain_hold_s": Key(60.0, _num(0, 86400)),
     },
     "logging": {
         "level": Key("INFO", _str(LOG_LEVELS)),
@@ -169,6 +171,7 @@ DOMAIN_KIND: dict[str, dict[str, Key]] = {
         "steps": Key(0, _int(0, 1000000)),
         "load_ms": Key(0.0, _num(0)),
         "crash_on_load": Key(False, _bool),
+        "fail_loads": Key(0, _int(0, 1000000)),
     },
 }
 

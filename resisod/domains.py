@@ -60,6 +60,7 @@ class Domain:
     duration_hist: Histogram = field(default_factory=Histogram)
     ttft_hist: Histogram = field(default_factory=Histogram)
     unavailable_reason: str = ""         # set while no worker of the domain can load its engine
+    unavailable_since: float = 0.0       # monotonic; its queued jobs fail after the hold
     paused: bool = False                 # preempted by realtime work on a shared device
 
     @property

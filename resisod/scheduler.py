@@ -98,6 +98,11 @@ class Scheduler:
         # a cancel is a request: an engine stuck between checkpoints (native code, a hung
         # device) never reads it, so past this grace its worker process is killed
         self.cancel_grace = cfg["daemon"]["cancel_grace_s"]
+        # one failed load may be transient (a device still busy, a file being written): a
+        # domain is declared failed after this many in a row on every worker, and its queued
+        # jobs then wait `hold` for it to come back
+        self.load_attempts = cfg["daemon"]["load_attempts"]
+        self.hold = cfg["daemon"]["failed_domain_hold_s"]
         self._out: list[Any] = []
 
     def _take(self) -> list[Any]:
@@ -211,6 +216,7 @@ class Scheduler:
     # --- worker events -----------------------------------------------------------------------
     def worker_ready(self, slot: Slot) -> list[Any]:
         slot.state, slot.ready_since, slot.loaded = SlotState.READY, self.clock(), True
+        slot.load_failures = 0
         self.dispatch_due = True
         domain = self.domains[slot.domain]
         if domain.unavailable_reason:
@@ -220,6 +226,7 @@ class Scheduler:
 
     def worker_load_failed(self, slot: Slot, reason: str) -> list[Any]:
         slot.state, slot.last_error = SlotState.FAILED, reason
+        slot.load_failures += 1
         self._check_health(self.domains[slot.domain])
         return self._take()
 
@@ -294,21 +301,29 @@ class Scheduler:
         return self._take()
 
     def _check_health(self, domain: Domain) -> None:
-        """A domain none of whose workers can load (or that crash-loops) rejects its jobs."""
+        """A domain none of whose workers can load (`load_attempts` times in a row), or
+        that crash-loops, is declared failed: new jobs are refused, queued ones wait."""
         slots = self.slots_of[domain.name]
         if any(s.state in (SlotState.READY, SlotState.BUSY) for s in slots):
             return
-        load_failed = all(s.state == SlotState.FAILED for s in slots)
+        load_failed = all(s.load_failures >= self.load_attempts for s in slots)
         crash_loop = all(s.crashes >= self.policy.crash_loop for s in slots)
         if not (load_failed or crash_loop):
             return
         last = next((s.last_error for s in slots if s.last_error), "unknown error")
         reason = last if load_failed else f"workers keep crashing: {last}"
         if domain.unavailable_reason != reason:
+            if not domain.unavailable_reason:
+                domain.unavailable_since = self.clock()
             domain.unavailable_reason = reason
             self._out.append(DomainHealth(domain))
+
+    def _fail_held(self, domain: Domain, now: float) -> None:
+        """A failed domain that has not come back within the hold fails its queued jobs."""
+        if now - domain.unavailable_since < self.hold or not len(domain.queue):
+            return
         outcome = failed(Code.ENGINE_UNAVAILABLE,
-                         f"domain {domain.name!r} cannot run jobs: {reason}")
+                         f"domain {domain.name!r} cannot run jobs: {domain.unavailable_reason}")
         while (job := domain.queue.pop()) is not None:
             self.end(job, outcome)
 
@@ -343,6 +358,9 @@ class Scheduler:
             if job.slot is not None:
                 self._out.append(Kill(job.slot, f"it did not stop job {job.task_id} within "
                                                 f"{self.cancel_grace:g}s of a cancel"))
+        for domain in self.domains.values():
+            if domain.unavailable_reason:
+                self._fail_held(domain, now)
         if self.yields_to:
             self._preempt(now)
         if self.stopping and now >= self.stop_deadline:

@@ -40,6 +40,7 @@ class Slot:
     ready_since: float | None = None
     job: Any = None                      # the Job it runs
     crashes: int = 0                     # consecutive, reset once it stays ready a while
+    load_failures: int = 0               # consecutive failed engine loads, reset when ready
     restart_at: float = 0.0
     last_error: str = ""
     rss_mb: float | None = None

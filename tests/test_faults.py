@@ -10,6 +10,8 @@ import os
 import signal
 import time
 
+from resiso_cli.client import Rejected
+
 from .conftest import wait_for
 
 CONFIG = """
@@ -172,3 +174,48 @@ def test_a_ttl_sweep_of_300k_jobs_never_stalls_the_loop(make_daemon, tmp_path):
     left = db.execute("SELECT COUNT(*) FROM jobs WHERE finished_at < ?", (old + 86400,))
     assert left.fetchone()[0] == 0
     db.close()
+
+
+def test_transient_load_failures_are_retried_and_queued_jobs_wait(make_daemon):
+    d = make_daemon("""
+[daemon]
+heartbeat_ms = 100
+load_attempts = 3
+restart_backoff_max_s = 0.2
+[domains.null]
+kind = "null"
+fail_loads = 2
+""", start=False).start(wait_ready=False)
+    with d.client() as c:
+        final = c.submit("null", {"text": "waited"}).wait()  # accepted while loads fail
+        assert final["event"] == "result" and final["result"] == "waited", final
+        w = c.status()["domains"]["null"]["workers"][0]
+    assert w["state"] == "ready" and w["restarts"] == 2, w
+
+
+def test_a_domain_failing_every_load_holds_its_queue_then_fails_it(make_daemon):
+    d = make_daemon("""
+[daemon]
+heartbeat_ms = 100
+load_attempts = 2
+failed_domain_hold_s = 1.0
+restart_backoff_max_s = 0.2
+[domains.null]
+kind = "null"
+load_ms = 300
+fail_loads = 1000
+""", start=False).start(wait_ready=False)
+    with d.client() as c:
+        stream = c.submit("null", {})          # accepted while the first load runs
+        t = time.monotonic()
+        final = stream.wait()
+        assert final["event"] == "error" and final["code"] == "engine_unavailable", final
+        assert "fails on purpose" in final["message"]
+        assert time.monotonic() - t > 1.0      # held for failed_domain_hold_s first
+        st = c.status()["domains"]["null"]
+        assert st["state"] == "failed" and "fails on purpose" in st["reason"], st
+        try:
+            c.submit("null", {})
+            raise AssertionError("a failed domain accepted a job")
+        except Rejected as exc:
+            assert exc.code == "engine_unavailable"

@@ -315,19 +315,57 @@ def test_cancel_of_queued_and_running_jobs():
     assert of(effects, Ended) and job.state == JobState.CANCELLED
 
 
-def test_engine_failure_fails_the_queue_and_refuses_new_jobs_until_a_worker_loads():
-    sched, _, slots = make({"n": {"kind": "null", "workers": 2}}, ready=False)
-    jobs = [admit(sched) for _ in range(3)]
+def test_load_failures_declare_a_domain_failed_after_n_and_its_queue_waits_the_hold():
+    sched, clock, slots = make({"n": {"kind": "null", "workers": 2}}, ready=False,
+                               load_attempts=3, failed_domain_hold_s=60)
+    jobs = [admit(sched, timeout_ms=0) for _ in range(3)]
     a, b = slots["n"]
-    assert sched.worker_load_failed(a, "no such model") == []   # one slot may still load
+    for _ in range(2):                            # transient failures: retried, jobs wait
+        assert sched.worker_load_failed(a, "device busy") == []
+        assert sched.worker_load_failed(b, "device busy") == []
+    assert sched.worker_load_failed(a, "no such model") == []   # b may still load
     effects = sched.worker_load_failed(b, "no such model")
-    assert [type(e) for e in effects] == [DomainHealth] + [Ended] * 3
-    assert all(j.error["code"] == Code.ENGINE_UNAVAILABLE for j in jobs)
+    assert [type(e) for e in effects] == [DomainHealth]
+    assert sched.domains["n"].unavailable_reason == "no such model"
     with pytest.raises(ProtocolError) as exc:
         admit(sched)
     assert exc.value.code == Code.ENGINE_UNAVAILABLE and "no such model" in exc.value.message
+    assert all(j.state == JobState.QUEUED for j in jobs)    # held, not failed
+    assert sched.tick(clock.advance(59.9)) == []
+    # the domain comes back within the hold: its queue runs
     assert of(sched.worker_ready(a), DomainHealth)
-    assert admit(sched).state == JobState.QUEUED
+    assert started(sched.dispatch()) == [jobs[0].task_id]
+    assert admit(sched, timeout_ms=0).state == JobState.QUEUED
+    # a second failure spell that outlasts the hold fails what is queued
+    sched.job_done(a, jobs[0].task_id, {})
+    for _ in range(3):
+        sched.worker_load_failed(a, "gone again")
+    sched.worker_load_failed(b, "gone again")     # b kept failing since the first spell
+    assert sched.domains["n"].unavailable_reason == "gone again"
+    assert sched.tick(clock.advance(59.0)) == []
+    effects = sched.tick(clock.advance(1.5))
+    ended = [e.job for e in of(effects, Ended)]
+    assert len(ended) == 3 and all(j.error["code"] == Code.ENGINE_UNAVAILABLE for j in ended)
+    assert len(sched.domains["n"].queue) == 0
+
+
+def test_a_crash_loop_declares_a_domain_failed():
+    sched, clock, slots = make({"n": {"kind": "null"}}, failed_domain_hold_s=0)
+    (slot,) = slots["n"]
+    job = admit(sched)
+    sched.dispatch()
+    slot.state = SlotState.BACKOFF
+    for crashes in range(1, 6):
+        slot.crashes = crashes
+        effects = sched.worker_lost(slot, "exited with signal 11")
+        if crashes < 5:
+            assert not of(effects, DomainHealth)
+    assert of(effects, DomainHealth)
+    assert "keep crashing" in sched.domains["n"].unavailable_reason
+    assert job.state == JobState.QUEUED          # its retry waits for a worker...
+    effects = sched.tick(clock.advance(0.05))    # ...for the hold (0 s here), then fails
+    assert [e.job for e in of(effects, Ended)] == [job]
+    assert job.error["code"] == Code.ENGINE_UNAVAILABLE
 
 
 def test_stop_requeues_batch_work_and_gives_realtime_work_its_grace():

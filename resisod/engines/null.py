@@ -11,7 +11,7 @@ import os
 import time
 from typing import Any
 
-from .base import Engine, JobControl, JobError
+from .base import Engine, EngineUnavailable, JobControl, JobError
 
 
 class NullEngine(Engine):
@@ -22,6 +22,16 @@ class NullEngine(Engine):
             os._exit(71)  # a worker that dies before it is ready, every time
         if self.domain.get("load_ms"):
             time.sleep(self.domain["load_ms"] / 1000.0)
+        if self.domain.get("fail_loads"):
+            # the first `fail_loads` loads of the domain fail, counted across worker restarts
+            # in a file, as a model that is not there yet (or a busy device) would
+            path = os.path.join(self.ctx.state_dir, f"null-loads-{self.ctx.domain_name}")
+            with open(path, "a+") as f:
+                f.write("x")
+                f.seek(0)
+                tries = len(f.read())
+            if tries <= self.domain["fail_loads"]:
+                raise EngineUnavailable(f"load {tries} of the domain fails on purpose")
 
     def run(self, params: dict[str, Any], job: JobControl) -> dict[str, Any]:
         hold = None
