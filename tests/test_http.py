@@ -145,6 +145,21 @@ def test_health_and_cancel_and_errors(gw):
     big = httpx.post(gw.base + "/api/llm/generate", content=b"{" + b" " * 70000 + b"}",
                      headers={"content-type": "application/json"}, timeout=10)
     assert big.status_code == 413
+    # no Content-Length (chunked): the limit holds on the bytes actually read
+
+    def chunks():
+        yield b'{"prompt": "'
+        for _ in range(40):
+            yield b"x" * 4096
+        yield b'"}'
+    chunked = httpx.post(gw.base + "/api/llm/generate", content=chunks(), timeout=10,
+                         headers={"content-type": "application/json"})
+    assert chunked.status_code == 413, chunked.text
+    assert chunked.json()["error"]["code"] == "too_large"
+    v1 = httpx.post(gw.base + "/v1/chat/completions", content=chunks(), timeout=10,
+                    headers={"content-type": "application/json"})
+    assert v1.status_code == 413 and v1.json()["error"]["code"] == "too_large"
+    assert httpx.get(gw.base + "/api/health", timeout=10).status_code == 200
 
 
 def test_queue_full_is_429_with_retry_after(gw):

@@ -13,6 +13,7 @@ from typing import Any, Literal, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 from typing import Annotated
@@ -25,6 +26,38 @@ STATUS_HTTP = {Code.BAD_REQUEST: 400, Code.CONTEXT_OVERFLOW: 400, Code.TOO_LARGE
                Code.NOT_FOUND: 404, Code.QUEUE_FULL: 429, Code.ENGINE_UNAVAILABLE: 503,
                Code.SHUTTING_DOWN: 503, Code.TIMEOUT: 504}
 SEED_STATUS = {"running": "processing"}  # the seed API calls a running job "processing"
+
+
+class BodyTooLarge(StarletteHTTPException):
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body over {limit} bytes")
+
+
+class BodyLimit:
+    """Count the body bytes as they are read, chunked or not, and stop at the limit.
+
+    A `Content-Length` over the limit is refused before anything is read (in `guard`); this
+    catches the bodies that do not announce their length, or lie about it."""
+
+    def __init__(self, app: Any, max_body: int):
+        self.app, self.max_body = app, max_body
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body:
+                    raise BodyTooLarge(self.max_body)
+            return message
+
+        await self.app(scope, counted, send)
 
 
 class ApiError(Exception):
@@ -132,6 +165,7 @@ def create_app(socket_path: str, http_cfg: dict[str, Any]) -> FastAPI:
 
     api_key = http_cfg.get("api_key") or ""
     max_body = http_cfg.get("max_body_bytes", 1 << 20)
+    app.add_middleware(BodyLimit, max_body=max_body)
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Response:
@@ -159,6 +193,10 @@ def create_app(socket_path: str, http_cfg: dict[str, Any]) -> FastAPI:
         else:
             body = {"status": "error", "error": {"code": code, "message": message}}
         return JSONResponse(body, status_code=status, headers=headers)
+
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
+        return _error(request, 413, Code.TOO_LARGE, exc.detail)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
