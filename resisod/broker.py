@@ -38,7 +38,13 @@ TICK_S = 0.05
 POSITION_UPDATE_S = 0.25
 STALL_WARN_S = 0.1      # an iteration longer than this is logged with its slowest phase
 DRAIN_BATCH = 512          # messages per socket per turn: one busy side cannot starve the other
-HWM = 100000
+# Per-peer queue bounds, in messages. A client's events are small (a token, a progress
+# step; a result of up to max_request_bytes-sized fields): 10,000 of them is seconds of
+# streaming that the client did not read, and then it is dropped. Its requests queue up to
+# 1,000 before libzmq stops reading its connection. Workers are the daemon's own processes.
+CLIENT_SNDHWM = 10000
+CLIENT_RCVHWM = 1000
+WORKER_HWM = 100000
 # plain ints: pyzmq's enum flags cost an enum operation per send on the hot path
 NOBLOCK, SNDMORE, POLLIN, EVENTS = (int(zmq.NOBLOCK), int(zmq.SNDMORE), int(zmq.POLLIN),
                                     int(zmq.EVENTS))
@@ -88,11 +94,13 @@ class Broker:
         self.expiry = expiry.Expiry(store, sched.jobs, state_dir=self.state_dir,
                                     ttl_hours=cfg["daemon"]["result_ttl_hours"])
         self.ctx = zmq.Context()
-        self.client = self._router(f"ipc://{self.socket_path}")
+        self.client = self._router(f"ipc://{self.socket_path}", sndhwm=CLIENT_SNDHWM,
+                                   rcvhwm=CLIENT_RCVHWM)
         claim.after_bind()
         if os.path.exists(worker_path):
             os.unlink(worker_path)  # ours by the lock we hold: a leftover of a dead daemon
-        self.workers = self._router(f"ipc://{worker_path}", mandatory=True)
+        self.workers = self._router(f"ipc://{worker_path}", sndhwm=WORKER_HWM,
+                                    rcvhwm=WORKER_HWM)
         os.chmod(worker_path, 0o600)
         self.outbox = Outbox()
         self.subs = Subscriptions(self.outbox, sched, silence_s=max(4 * self.hb, 1.0))
@@ -105,14 +113,14 @@ class Broker:
             max_request_bytes=cfg["daemon"]["max_request_bytes"],
             alive_ms=round(self.hb * 1000))
 
-    def _router(self, endpoint: str, *, mandatory: bool = False) -> zmq.Socket:
+    def _router(self, endpoint: str, *, sndhwm: int, rcvhwm: int) -> zmq.Socket:
         s = self.ctx.socket(zmq.ROUTER)
-        if mandatory:  # a send to a peer that is gone fails instead of vanishing
-            s.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # a send to a peer that is gone, or whose queue is full, fails instead of vanishing
+        s.setsockopt(zmq.ROUTER_MANDATORY, 1)
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.MAXMSGSIZE, HARD_FRAME_LIMIT)
-        s.setsockopt(zmq.SNDHWM, HWM)
-        s.setsockopt(zmq.RCVHWM, HWM)
+        s.setsockopt(zmq.SNDHWM, sndhwm)
+        s.setsockopt(zmq.RCVHWM, rcvhwm)
         s.bind(endpoint)
         return s
 
@@ -258,7 +266,19 @@ class Broker:
         """Make this iteration's state changes durable, then tell clients about them."""
         self.store.commit()
         if self.outbox.items:
-            self.outbox.deliver(self.client.send, SNDMORE, NOBLOCK, zmq.Again)
+            dropped = self.outbox.deliver(self.client.send, SNDMORE, NOBLOCK, zmq.ZMQError)
+            for ident, exc in dropped.items():
+                self.drop_client(ident, stalled=exc.errno == zmq.EAGAIN)
+
+    def drop_client(self, ident: bytes, *, stalled: bool) -> None:
+        """A client gone, or not reading while CLIENT_SNDHWM events piled up for it: it is
+        forgotten before the daemon's memory grows; its detached jobs and images run on."""
+        jobs = self.subs.drop_client(ident)
+        (log.warning if stalled else log.info)(
+            "client %s %s; dropped it and cancelled %d of its jobs", ident.hex(),
+            "stopped reading" if stalled else "has gone", len(jobs))
+        for job in jobs:
+            self.apply(self.sched.cancel(job))
 
     def stop(self) -> None:
         log.info("shutting down: no new jobs accepted")

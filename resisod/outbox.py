@@ -23,13 +23,19 @@ class Outbox:
         self.items.append((ident, pack(msg)))
 
     def deliver(self, send: Callable[[bytes, int], Any], more: int, noblock: int,
-                full: type[Exception]) -> None:
-        """Send everything posted (call after the store commit). A client whose receive
-        queue is full loses that event, never the daemon its loop."""
+                refused: type[Exception]) -> dict[bytes, Any]:
+        """Send everything posted (call after the store commit). The client socket is
+        ROUTER_MANDATORY with a bounded queue per client, so a client that has gone, or has
+        stopped reading while its queue filled up, refuses; it gets nothing more from this
+        batch, and its identity is returned (with the error) for the broker to drop."""
+        dropped: dict[bytes, Any] = {}
         for ident, frame in self.items:
+            if dropped and ident in dropped:
+                continue
             try:
                 send(ident, more | noblock)
                 send(frame, noblock)
-            except full:
-                log.warning("a client's receive queue is full; dropped an event")
+            except refused as exc:
+                dropped[ident] = exc
         self.items.clear()
+        return dropped

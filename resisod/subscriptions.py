@@ -22,6 +22,7 @@ Key = tuple[bytes, Any]
 # kinds whose jobs are pointless once nobody listens: cancelled when their clients vanish
 # (an image runs on, detached, for a later `get`)
 LISTENED_KINDS = frozenset({"llm", "tts", "null"})
+MAX_ALIVE_ERRORS = 64   # not_found answers one `alive` frame may cause
 
 
 def final_event(job: Job, rid: Any) -> dict[str, Any]:
@@ -115,13 +116,15 @@ class Subscriptions:
 
     # --- liveness of listeners ------------------------------------------------------------------
     def alive(self, ident: bytes, rids: list[Any], now: float) -> None:
+        errors = 0
         for r in rids:
             if isinstance(r, bool) or not isinstance(r, (int, str)):
                 continue  # not a request id this daemon could have handed out
             job = self.index.get((ident, r))
             if job is not None and (ident, r) in job.watchers:
                 job.watchers[(ident, r)] = now
-            else:
+            elif errors < MAX_ALIVE_ERRORS:  # one frame must not fan out into thousands
+                errors += 1
                 # dropped after a silence (or never watched): say so, so the stream ends
                 self.post(ident, error(r, Code.NOT_FOUND, "this request no longer watches a "
                                        "job (it was dropped after the client went silent)"))
@@ -141,6 +144,23 @@ class Subscriptions:
             if gone and not job.watchers and job.kind in LISTENED_KINDS:
                 log.info("job %s: its client is gone; cancelling", job.task_id)
                 out.append(job)
+        return out
+
+    def drop_client(self, ident: bytes) -> list[Job]:
+        """A client that has gone or stopped reading: forget every request it listens on;
+        return its jobs left with nobody to hear them that are pointless without a listener
+        (an image runs on, for a later `get`)."""
+        keys = [k for k in self.index if k[0] == ident]
+        out = []
+        for key in keys:
+            job = self.index.pop(key)
+            job.watchers.pop(key, None)
+            job.final_only.discard(key)
+            if not job.watchers and not job.detached and job.kind in LISTENED_KINDS \
+                    and not job.finished:
+                out.append(job)
+        for job in out:
+            job.cancel_waiters[:] = [w for w in job.cancel_waiters if w[0] != ident]
         return out
 
     def shutting_down(self, jobs: Iterable[Job]) -> None:

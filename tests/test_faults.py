@@ -219,3 +219,44 @@ fail_loads = 1000
             raise AssertionError("a failed domain accepted a job")
         except Rejected as exc:
             assert exc.code == "engine_unavailable"
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_client_that_never_reads_is_dropped_before_the_daemon_grows(make_daemon):
+    """30,000 requests from a client that reads nothing: once its queue of answers is full
+    the daemon drops it, cancels its streaming job and keeps serving everyone else."""
+    import zmq
+
+    from resisod.protocol import pack, request
+
+    d = make_daemon(CONFIG)
+    with d.client() as c:
+        c.run("null", {})
+    before = rss_mb(d.proc.pid)
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.RCVHWM, 10)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(f"ipc://{d.socket}")
+    try:
+        s.send(pack(request("submit", "job", kind="null",
+                            params={"steps": 1000, "delay_ms": 10})))
+        for i in range(30000):
+            s.send(pack(request("ping", i)))
+        wait_for(lambda: "stopped reading" in d.read_log(), 60, 0.1, "the client dropped")
+        grown = rss_mb(d.proc.pid) - before
+        assert grown < 50, f"daemon RSS grew {grown:.1f} MB"
+        with d.client() as c:
+            assert c.ping()["pong"] is True
+            job = wait_for(lambda: next((j for j in c.jobs(limit=5)
+                                         if j["status"] == "cancelled"), None), 10, 0.1,
+                           "its streaming job cancelled")
+            assert job["domain"] == "null" and job["finished_at"] is not None
+    finally:
+        s.close(0)
