@@ -260,3 +260,52 @@ def test_a_client_that_never_reads_is_dropped_before_the_daemon_grows(make_daemo
             assert job["domain"] == "null" and job["finished_at"] is not None
     finally:
         s.close(0)
+
+
+def test_a_torn_or_corrupt_journal_tail_is_recovered_up_to_the_last_whole_record(
+        make_daemon, tmp_path):
+    """Three journal records written, then the daemon died mid-write: the third is cut
+    short (or garbled). The next start replays the whole records and runs their jobs."""
+    import shutil
+
+    from resisod.jobs import Job
+    from resisod.store import FRAME, JobStore
+
+    for damage in ("truncate", "garble"):
+        src = tmp_path / damage / "src"
+        store = JobStore(str(src / "jobs.db"))
+        ids = []
+        for i in range(3):
+            job = Job(f"nul_{damage}{i:04d}", "null", "null", {"steps": 0, "delay_ms": 0.0,
+                      "alloc_mb": 0, "block_ms": 0.0, "crash": False, "fail": "",
+                      "write_file": False, "record": ""}, "normal", seq=i + 1)
+            store.insert(job, None)
+            store.commit()  # one journal record per job
+            ids.append(job.task_id)
+        journal = open(store.journal_path, "rb").read()
+        # a fresh state dir: an empty database and the journal as the crash left it
+        state = tmp_path / damage / "state"
+        JobStore(str(state / "jobs.db")).close()
+        pos = 0
+        for _ in range(2):
+            (n,) = FRAME.unpack_from(journal, pos)
+            pos += FRAME.size + n
+        first_two = pos
+        tail = journal[first_two:]
+        tail = tail[:len(tail) // 2] if damage == "truncate" else \
+            tail[:FRAME.size] + b"\xc1" * (len(tail) - FRAME.size)
+        with open(state / "jobs.db.journal", "wb") as f:
+            f.write(journal[:first_two] + tail)
+        shutil.rmtree(src, ignore_errors=True)
+        d = make_daemon(CONFIG, state_dir=str(state))
+        with d.client() as c:
+            for task_id in ids[:2]:
+                got = wait_for(lambda: (lambda j: j if j["status"] == "completed" else None)(
+                    c.get(task_id)), 10, 0.05, f"{task_id} run after replay")
+                assert got["attempts"] == 1
+            try:
+                c.get(ids[2])
+                raise AssertionError("a torn record came back")
+            except Rejected as exc:
+                assert exc.code == "not_found"
+        d.stop()
