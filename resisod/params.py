@@ -117,6 +117,11 @@ def null(p: dict[str, Any], domain: dict[str, Any]) -> dict[str, Any]:
         "alloc_mb": _int(p, "alloc_mb", 0, 1000000, 0),
         # hold the worker without a checkpoint, as an engine stuck in native code would
         "block_ms": _num(p, "block_ms", 0, 3600000, 0),
+        # the worker kills itself with this signal at this step, as a native crash would
+        "crash_signal": _int(p, "crash_signal", 0, 64, 0),
+        "crash_at_step": _int(p, "crash_at_step", 0, 1000000, 0),
+        # a result file of this many MB (a large WAV or PNG, or a disk that fills up)
+        "write_mb": _int(p, "write_mb", 0, 100000, 0),
         "crash": field(p, "crash", bool, default=False),
         "fail": field(p, "fail", str, default=""),
         "write_file": field(p, "write_file", bool, default=False),

@@ -105,6 +105,7 @@ class Code:
     CANCELLED = "cancelled"
     UNSUPPORTED_VERSION = "unsupported_version"
     ENGINE_ERROR = "engine_error"
+    STORAGE_FULL = "storage_full"
 
 
 class Priority:

@@ -12,6 +12,7 @@ Started by the supervisor as `python -m resisod.worker` with its spec in RESISO_
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import signal
@@ -171,6 +172,11 @@ class Worker:
         except JobError as exc:
             reply = {"op": WorkerMsg.FAILED, "task_id": task_id,
                      "code": exc.code, "message": exc.message}
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                traceback.print_exc(file=sys.stderr)
+            reply = {"op": WorkerMsg.FAILED, "task_id": task_id,
+                     **os_failure(exc, os.path.join(self.spec["state_dir"], "results"))}
         except Exception as exc:
             traceback.print_exc(file=sys.stderr)
             reply = {"op": WorkerMsg.FAILED, "task_id": task_id,
@@ -198,6 +204,17 @@ class Worker:
                 control.pause()
             elif op == WorkerMsg.RESUME:
                 control.resume()
+
+
+def os_failure(exc: OSError, results_dir: str) -> dict[str, str]:
+    """The code and message for a job an OS error stopped: a full disk is the user's to fix,
+    and says where."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = exc.filename or results_dir
+        return {"code": Code.STORAGE_FULL, "message": f"no space left for the result in "
+                f"{where}: free space there, or lower result_ttl_hours so old results go "
+                f"sooner"}
+    return {"code": Code.ENGINE_ERROR, "message": f"{type(exc).__name__}: {exc}"}
 
 
 def main() -> int:

@@ -268,17 +268,19 @@ def test_a_torn_or_corrupt_journal_tail_is_recovered_up_to_the_last_whole_record
     short (or garbled). The next start replays the whole records and runs their jobs."""
     import shutil
 
+    from resisod import config, params as job_params
     from resisod.jobs import Job
     from resisod.store import FRAME, JobStore
+
+    domain = config.build({"domains": {"null": {"kind": "null"}}})["domains"]["null"]
+    params = job_params.validate("null", {}, domain)  # as the daemon stores them
 
     for damage in ("truncate", "garble"):
         src = tmp_path / damage / "src"
         store = JobStore(str(src / "jobs.db"))
         ids = []
         for i in range(3):
-            job = Job(f"nul_{damage}{i:04d}", "null", "null", {"steps": 0, "delay_ms": 0.0,
-                      "alloc_mb": 0, "block_ms": 0.0, "crash": False, "fail": "",
-                      "write_file": False, "record": ""}, "normal", seq=i + 1)
+            job = Job(f"nul_{damage}{i:04d}", "null", "null", params, "normal", seq=i + 1)
             store.insert(job, None)
             store.commit()  # one journal record per job
             ids.append(job.task_id)
@@ -309,3 +311,50 @@ def test_a_torn_or_corrupt_journal_tail_is_recovered_up_to_the_last_whole_record
             except Rejected as exc:
                 assert exc.code == "not_found"
         d.stop()
+
+
+def test_a_worker_killed_by_a_signal_mid_job_is_retried_once_then_reported(make_daemon):
+    d = make_daemon(CONFIG)
+    with d.client() as c:
+        stream = c.submit("null", {"steps": 5, "delay_ms": 30, "crash_at_step": 3,
+                                   "crash_signal": 11})
+        events = list(stream)
+        final = stream.final
+        assert final["event"] == "error" and final["code"] == "worker_crashed", final
+        assert "signal 11" in final["message"]
+        steps = [e["step"] for e in events if e["event"] == "progress"]
+        assert steps == [1, 2, 1, 2], steps          # two attempts, each cut at step 3
+        assert [e["event"] for e in events].count("started") == 2
+        assert c.submit("null", {"steps": 2}).wait()["event"] == "result"
+
+
+def test_a_full_results_disk_fails_the_job_storage_full_and_nothing_else(make_daemon,
+                                                                          tmp_path):
+    """A 256 KB tmpfs as the results dir: a real full disk (skipped where mounting is not
+    permitted). The job fails with a code that says what to do; the worker, the daemon and
+    the store carry on."""
+    import subprocess
+
+    state = tmp_path / "state"
+    results = state / "results"
+    results.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs",
+                              str(results)], capture_output=True).returncode == 0
+    if not mounted:
+        import pytest
+        pytest.skip("mounting a tmpfs is not permitted here")
+    try:
+        d = make_daemon(CONFIG, state_dir=str(state))
+        with d.client() as c:
+            final = c.submit("null", {"write_mb": 1}).wait()
+            assert final["event"] == "error" and final["code"] == "storage_full", final
+            assert str(results) in final["message"]
+            assert c.get(final["task_id"])["error"]["code"] == "storage_full"
+            assert os.listdir(results) == []          # no half-written file left
+            small = c.submit("null", {"write_file": True}).wait()
+            assert small["event"] == "result" and small["size_bytes"] < 1024
+            w = c.status()["domains"]["null"]["workers"][0]
+            assert w["restarts"] == 0                 # the worker lives on
+        d.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(results)], capture_output=True)

@@ -1,9 +1,9 @@
 """The `null` engine: no model. For tests and benchmarks only; never a configured default.
 
 It emits `steps` progress events with `delay_ms` between them, and can be asked to hold
-memory (`alloc_mb`), block without checkpoints (`block_ms`), crash the worker (`crash`) or
-fail with a code (`fail`), so the daemon's supervision paths can be exercised with real
-processes.
+memory (`alloc_mb`), block without checkpoints (`block_ms`), crash the worker (`crash`, or
+`crash_signal` at `crash_at_step`), write a large result (`write_mb`) or fail with a code
+(`fail`), so the daemon's supervision paths can be exercised with real processes.
 """
 from __future__ import annotations
 
@@ -12,6 +12,13 @@ import time
 from typing import Any
 
 from .base import Engine, EngineUnavailable, JobControl, JobError
+
+
+def _discard(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 class NullEngine(Engine):
@@ -48,6 +55,8 @@ class NullEngine(Engine):
             job.checkpoint()
             if delay:
                 time.sleep(delay)
+            if step == params["crash_at_step"] and params["crash_signal"]:
+                os.kill(os.getpid(), params["crash_signal"])
             job.emit("progress", step=step, total=steps, progress=step / steps)
         job.checkpoint()
         if params["fail"]:
@@ -57,11 +66,18 @@ class NullEngine(Engine):
             with open(params["record"], "a") as f:
                 f.write(job.task_id + "\n")
         out: dict[str, Any] = {"steps": steps}
-        if params["write_file"]:  # a result file, as the real engines leave one
+        if params["write_file"] or params["write_mb"]:  # a result file, as engines leave one
             path = os.path.join(self.ctx.results_dir, f"{job.task_id}.bin")
-            with open(path, "wb") as f:
-                f.write(b"null result\n")
+            try:
+                with open(path, "wb") as f:
+                    f.write(b"null result\n")
+                    for _ in range(params["write_mb"]):
+                        f.write(bytes(1 << 20))
+            except OSError:
+                _discard(path)  # no half-written result is left behind
+                raise
             out["result_path"] = path
+            out["size_bytes"] = os.path.getsize(path)
         if "text" in params:
             out["result"] = params["text"]
         return out
