@@ -157,7 +157,20 @@ class Client:
         return self.call(Op.JOBS, **fields)["jobs"]
 
     def get(self, task_id: str, *, data: bool = False) -> dict[str, Any]:
-        return self.call(Op.GET, task_id=task_id, data=data)
+        """The job's record; with data=True also its result file's bytes in `data`, fetched
+        chunk by chunk."""
+        rec = self.call(Op.GET, task_id=task_id, data=data)
+        if data and "data" in rec:
+            parts = [rec["data"]]
+            got = len(rec["data"])
+            while got < rec["data_size"]:
+                more = self.call(Op.GET, task_id=task_id, data=True, offset=got)["data"]
+                if not more:
+                    break  # the file shrank under us; return what there is
+                parts.append(more)
+                got += len(more)
+            rec["data"] = b"".join(parts)
+        return rec
 
     def cancel(self, task_id: str) -> dict[str, Any]:
         return self.call(Op.CANCEL, task_id=task_id)

@@ -24,6 +24,7 @@ jlog = logsetup.JobLines(log)  # job transitions: formatted at the tick's flush,
 
 MAX_ALIVE_RIDS = 4096   # request ids one `alive` may name
 MAX_JOBS_LISTED = 1000
+DATA_CHUNK = 4 << 20    # bytes of a result file one `get` carries
 
 
 class ClientOps:
@@ -135,14 +136,22 @@ class ClientOps:
             out["estimated_time_remaining_ms"] = round(
                 self.sched.domains[job.domain].remaining(job, now))
         if field(msg, "data", bool, default=False) and job.state == JobState.COMPLETED:
-            path = out.get("image_path") or out.get("audio_path")
+            path = out.get("image_path") or out.get("audio_path") or out.get("result_path")
             if path:
+                offset = field(msg, "offset", int, default=0)
+                if offset < 0:
+                    raise ProtocolError(Code.BAD_REQUEST, "'offset' must be >= 0")
+                # one bounded chunk per request: a large file costs the loop no more than
+                # DATA_CHUNK of reading, and the client's queue no more than one chunk
                 try:
                     with open(path, "rb") as f:
-                        out["data"] = f.read()
+                        out["data_size"] = os.fstat(f.fileno()).st_size
+                        f.seek(offset)
+                        out["data"] = f.read(DATA_CHUNK)
                 except OSError as exc:
                     raise ProtocolError(Code.NOT_FOUND, f"the result file of {job.task_id} is "
                                         f"gone: {exc.strerror}")
+                out["data_offset"] = offset
         self.post(ident, event(Event.RESULT, rid, **out))
 
     def op_jobs(self, ident: bytes, rid: Any, msg: dict[str, Any]) -> None:

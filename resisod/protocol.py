@@ -7,7 +7,9 @@ Client -> daemon ops carry ``rid`` (a request id the client picks); every event 
 sends back for that request echoes it, so one client connection can have many requests in
 flight. A job streams zero or more PARTIAL events, then exactly one FINAL event. A `submit`
 is answered first with `accepted` unless it says `ack: false`, in which case the final event
-(carrying the task id) is its one reply.
+(carrying the task id) is its one reply. A `get` with `data: true` carries the result
+file in chunks: `data` holds up to 4 MiB from `offset` (default 0), with `data_offset` and
+`data_size`; the client asks again from the next offset until it has `data_size` bytes.
 """
 from __future__ import annotations
 

@@ -358,3 +358,24 @@ def test_a_full_results_disk_fails_the_job_storage_full_and_nothing_else(make_da
         d.stop()
     finally:
         subprocess.run(["umount", "-l", str(results)], capture_output=True)
+
+
+def test_a_large_result_comes_back_in_bounded_chunks(make_daemon):
+    d = make_daemon(CONFIG)
+    with d.client() as c:
+        final = c.submit("null", {"write_mb": 10}).wait()
+        path, size = final["result_path"], final["size_bytes"]
+        assert size > 10 << 20
+        first = c.call("get", task_id=final["task_id"], data=True)
+        assert len(first["data"]) == 4 << 20 and first["data_size"] == size
+        assert first["data_offset"] == 0
+        tail = c.call("get", task_id=final["task_id"], data=True, offset=size - 5)
+        assert len(tail["data"]) == 5 and tail["data_offset"] == size - 5
+        rec = c.get(final["task_id"], data=True)       # the client joins the chunks
+        with open(path, "rb") as f:
+            assert rec["data"] == f.read()
+        try:
+            c.call("get", task_id=final["task_id"], data=True, offset=-1)
+            raise AssertionError("a negative offset was accepted")
+        except Rejected as exc:
+            assert exc.code == "bad_request"

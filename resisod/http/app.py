@@ -270,7 +270,14 @@ def create_app(socket_path: str, http_cfg: dict[str, Any]) -> FastAPI:
         rec = await daemon.call(Op.GET, task_id=task_id, data=True)
         if rec.get("status") != "completed" or "data" not in rec:
             raise ApiError(404, Code.NOT_FOUND, f"{task_id} has no finished result file")
-        return Response(rec["data"], media_type=media)
+        parts, got = [rec["data"]], len(rec["data"])
+        while got < rec["data_size"]:  # the daemon hands large files over in chunks
+            more = (await daemon.call(Op.GET, task_id=task_id, data=True, offset=got))["data"]
+            if not more:
+                break
+            parts.append(more)
+            got += len(more)
+        return Response(b"".join(parts), media_type=media)
 
     @app.get("/audio/{task_id}.wav")
     async def audio_file(task_id: str) -> Response:
