@@ -1,7 +1,8 @@
 # make demo  - set up and run the main job (daemon + llm, tts, image on the built-in models)
 # make test  - set up and run the whole test suite
 # make bench - run the benchmarks in bench/
-.PHONY: setup demo test bench clean
+# make soak  - 30 minutes of mixed load with faults (bench/soak.py)
+.PHONY: setup demo test bench soak clean
 
 setup:
 	./scripts/setup.sh
@@ -17,6 +18,9 @@ bench: setup
 	.venv/bin/python bench/llm.py
 	.venv/bin/python bench/tts.py
 	.venv/bin/python bench/isolation.py
+
+soak: setup
+	.venv/bin/python bench/soak.py --minutes 30
 
 clean:
 	rm -rf .venv build *.egg-info .pytest_cache

@@ -122,6 +122,8 @@ def null(p: dict[str, Any], domain: dict[str, Any]) -> dict[str, Any]:
         "crash_at_step": _int(p, "crash_at_step", 0, 1000000, 0),
         # a result file of this many MB (a large WAV or PNG, or a disk that fills up)
         "write_mb": _int(p, "write_mb", 0, 100000, 0),
+        # the result write fails as on a full disk, where no small filesystem can be mounted
+        "disk_full": field(p, "disk_full", bool, default=False),
         "crash": field(p, "crash", bool, default=False),
         "fail": field(p, "fail", str, default=""),
         "write_file": field(p, "write_file", bool, default=False),

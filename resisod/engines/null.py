@@ -7,6 +7,7 @@ memory (`alloc_mb`), block without checkpoints (`block_ms`), crash the worker (`
 """
 from __future__ import annotations
 
+import errno
 import os
 import time
 from typing import Any
@@ -72,6 +73,8 @@ class NullEngine(Engine):
                 with open(path, "wb") as f:
                     f.write(b"null result\n")
                     for _ in range(params["write_mb"]):
+                        if params["disk_full"]:
+                            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
                         f.write(bytes(1 << 20))
             except OSError:
                 _discard(path)  # no half-written result is left behind
