@@ -21,6 +21,7 @@ import zmq
 
 from . import __version__, expiry, logsetup, status
 from .client_ops import ClientOps
+from .loop_health import LoopWatch
 from .outbox import Outbox
 from .paths import SocketClaim
 from .protocol import HARD_FRAME_LIMIT, WorkerMsg
@@ -36,7 +37,6 @@ jlog = logsetup.JobLines(log)  # job transitions: formatted at the tick's flush,
 
 TICK_S = 0.05
 POSITION_UPDATE_S = 0.25
-STALL_WARN_S = 0.1      # an iteration longer than this is logged with its slowest phase
 DRAIN_BATCH = 512          # messages per socket per turn: one busy side cannot starve the other
 # Per-peer queue bounds, in messages. A client's events are small (a token, a progress
 # step; a result of up to max_request_bytes-sized fields): 10,000 of them is seconds of
@@ -48,32 +48,6 @@ WORKER_HWM = 100000
 # plain ints: pyzmq's enum flags cost an enum operation per send on the hot path
 NOBLOCK, SNDMORE, POLLIN, EVENTS = (int(zmq.NOBLOCK), int(zmq.SNDMORE), int(zmq.POLLIN),
                                     int(zmq.EVENTS))
-
-
-class LoopWatch:
-    """The longest loop iteration, and a warning with its phases for any over STALL_WARN_S:
-    workers and clients wait on every iteration, so a stall is a latency for all of them."""
-
-    def __init__(self) -> None:
-        self.max_s = 0.0
-        self.stalls = 0
-        self.notice_s = 0.0       # iterations longer than this are looked at: a new maximum
-                                  # or a stall
-
-    def busy(self, t0: float, t1: float, t2: float, t3: float, t4: float) -> None:
-        took = t4 - t0
-        self.max_s = max(self.max_s, took)
-        self.notice_s = min(self.max_s, STALL_WARN_S)
-        if took > STALL_WARN_S:
-            self.stalls += 1
-            phases = {"requests": t1 - t0, "dispatch": t2 - t1, "tick": t3 - t2,
-                      "commit": t4 - t3}
-            worst = max(phases, key=phases.__getitem__)
-            log.warning("loop iteration took %.0f ms (%s %.0f ms)", took * 1000, worst,
-                        phases[worst] * 1000)
-
-    def report(self) -> dict[str, float | int]:
-        return {"max_iteration_ms": round(self.max_s * 1000, 2), "stalls": self.stalls}
 
 
 class Broker:

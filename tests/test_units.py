@@ -86,3 +86,16 @@ def test_deferred_log_keeps_order_and_formats_at_flush():
         root.setLevel(saved[1])
         logging.setLogRecordFactory(saved[2])
         logging._srcfile = saved[3]
+
+
+def test_loop_watch_keeps_the_longest_iteration_and_names_a_stall(caplog):
+    from resisod.loop_health import LoopWatch
+    w = LoopWatch()
+    w.busy(0.0, 0.001, 0.002, 0.004, 0.005)           # 5 ms: a new maximum, no stall
+    assert w.report() == {"max_iteration_ms": 5.0, "stalls": 0} and w.notice_s == 0.005
+    with caplog.at_level(logging.WARNING, logger="resisod"):
+        w.busy(1.0, 1.001, 1.002, 1.152, 1.153)       # 153 ms, 150 of them in the tick
+    assert w.report() == {"max_iteration_ms": 153.0, "stalls": 1} and w.notice_s == 0.1
+    assert "took 153 ms (tick 150 ms)" in caplog.text
+    w.busy(2.0, 2.12, 2.12, 2.12, 2.12)               # a shorter stall still counts
+    assert w.report()["stalls"] == 2 and w.report()["max_iteration_ms"] == 153.0
