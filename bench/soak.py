@@ -195,6 +195,8 @@ def main() -> None:
             time.sleep(2.0)
         st = ctl.status()
         rss1 = rss_mb(d.proc.pid)
+        with open(d.log.name, errors="replace") as f:  # the daemon names each stall's phase
+            stalls = [line.strip() for line in f if "loop iteration took" in line]
         w_rss1 = {w["name"]: w["rss_mb"] for dom in st["domains"].values()
                   for w in dom["workers"]}
     lost = [t for t, s in states.items() if s["status"] not in FINAL]
@@ -224,6 +226,8 @@ def main() -> None:
         *[[f"worker {n} RSS MB start / end", f"{(w_rss0.get(n) or 0):.0f} / {(r or 0):.0f}"]
           for n, r in sorted(w_rss1.items())],
     ]))
+    for line in stalls[:20]:
+        print("stall:", line)
     if lost:
         print("lost:", lost[:20])
     if dup:
