@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import Daemon, table  # noqa: E402
 
 from resiso_cli.client import Client, Rejected  # noqa: E402
+from resisod import isolation  # noqa: E402
 
 CONFIG = """
 [daemon]
@@ -50,14 +51,7 @@ FINAL = {"completed", "failed", "cancelled"}
 
 
 def rss_mb(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+    return isolation.rss_mb(pid) or 0.0
 
 
 class Ledger:

@@ -221,20 +221,14 @@ fail_loads = 1000
             assert exc.code == "engine_unavailable"
 
 
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
-
-
 def test_a_client_that_never_reads_is_dropped_before_the_daemon_grows(make_daemon):
     """30,000 requests from a client that reads nothing: once its queue of answers is full
     the daemon drops it, cancels its streaming job and keeps serving everyone else."""
     import zmq
 
     from resisod.protocol import pack, request
+
+    from resisod.isolation import rss_mb
 
     d = make_daemon(CONFIG)
     with d.client() as c:
