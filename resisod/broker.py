@@ -24,7 +24,7 @@ from .client_ops import ClientOps
 from .loop_health import LoopWatch
 from .outbox import Outbox
 from .paths import SocketClaim
-from .protocol import HARD_FRAME_LIMIT, WorkerMsg
+from .protocol import HARD_FRAME_LIMIT
 from .scheduler import DomainHealth, Ended, Kill, Requeued, Scheduler, Signal, Start
 from .sdnotify import Notifier
 from .store import JobStore

@@ -7,12 +7,9 @@ once.)
 """
 from __future__ import annotations
 
-import logging
 from typing import Any, Callable
 
 from .protocol import pack
-
-log = logging.getLogger("resisod")
 
 
 class Outbox:

@@ -324,7 +324,7 @@ class Scheduler:
             return
         outcome = failed(Code.ENGINE_UNAVAILABLE,
                          f"domain {domain.name!r} cannot run jobs: {domain.unavailable_reason}")
-        while (job := domain.queue.pop()) is not None:
+        for job in list(domain.queue):  # in queue order: end() takes each from the head
             self.end(job, outcome)
 
     # --- cancels, deadlines, stop --------------------------------------------------------------
