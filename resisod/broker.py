@@ -120,13 +120,15 @@ class Broker:
         poller = zmq.Poller()
         poller.register(self.client, zmq.POLLIN)
         poller.register(self.workers, zmq.POLLIN)
-        sched, from_client = self.sched, self.ops.handle
+        sched, from_client, began = self.sched, self.ops.handle, self.loop.began
+        self.loop.watch_gc()
         while True:
             now = self.clock()
             # whole milliseconds, rounded up: pyzmq truncates, and a 0 ms timeout in the last
             # millisecond before a tick would spin the loop
             ready = dict(poller.poll(max(0, math.ceil((self.next_tick - now) * 1000))))
             t0 = self.clock()
+            began()
             if self.client in ready:
                 self.drain(self.client, from_client)
             if self.workers in ready:
@@ -148,6 +150,7 @@ class Broker:
                 self.loop.busy(t0, t1, t2, t3, t4)
             if sched.drained(now):
                 break
+        self.loop.unwatch_gc()
         self.close()
         logsetup.flush()
         return 0

@@ -27,6 +27,8 @@ MAX_SOCKET_PATH = 100  # sun_path is 108 bytes; ".workers" is appended for the w
 def open_daemon(cfg: dict[str, Any]) -> Broker:
     """Everything up to the first poll; raises SocketBusy, ValueError or OSError."""
     socket_path, state_dir = cfg["daemon"]["socket"], cfg["daemon"]["state_dir"]
+    # first, so that every thread and child the daemon starts inherits it
+    priority = isolation.raise_daemon_priority() if cfg["resources"]["isolation"] else "as started"
     worker_path = socket_path + ".workers"
     if len(worker_path) > MAX_SOCKET_PATH:
         raise ValueError(f"socket path {socket_path!r} is too long for a Unix socket "
@@ -50,6 +52,7 @@ def open_daemon(cfg: dict[str, Any]) -> Broker:
     if mine != cpus and res["isolation"]:
         os.sched_setaffinity(0, mine)  # workers get their own sets; this is ours
         log.info("daemon pinned to cpus %s", mine)
+    log.info("daemon priority: %s", priority)
     gateway = Gateway(cfg["http"], socket_path) if cfg["http"]["enabled"] else None
     return Broker(cfg, claim=claim, sched=sched, store=store, supervisor=supervisor,
                   gateway=gateway, worker_path=worker_path, gpus=bool(gpus))
