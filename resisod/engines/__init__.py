@@ -1,33 +1,42 @@
-"""Engine registry: (kind, engine name) -> the module and class that implement it.
+"""Engines: found by (kind, name) in package metadata (`registry`), created inside workers.
 
-Modules are imported lazily, inside worker processes only; importing this package pulls in
-no model library.
+An engine's module is imported by `create` only, which runs in worker processes; importing
+this package pulls in no model library and no plugin.
 """
 from __future__ import annotations
 
 import importlib
 from typing import Any
 
+from . import registry
 from .base import Engine, EngineContext, EngineUnavailable
-
-REGISTRY: dict[tuple[str, str], str] = {
-    ("null", "null"): "resisod.engines.null:NullEngine",
-    ("llm", "llama_cpp"): "resisod.engines.llama_cpp:LlamaCppEngine",
-    ("llm", "transformers"): "resisod.engines.transformers_llm:TransformersEngine",
-    ("tts", "piper"): "resisod.engines.piper_tts:PiperEngine",
-    ("tts", "espeak"): "resisod.engines.espeak_tts:EspeakEngine",
-    ("tts", "coqui"): "resisod.engines.coqui_tts:CoquiEngine",
-    ("image", "diffusers"): "resisod.engines.diffusers_image:DiffusersEngine",
-}
 
 
 def create(domain: dict[str, Any], ctx: EngineContext) -> Engine:
-    target = REGISTRY.get((domain["kind"], domain["engine"]))
-    if target is None:
-        raise EngineUnavailable(f"no engine {domain['engine']!r} for kind {domain['kind']!r}")
-    module_name, cls_name = target.split(":")
+    found = registry.discover()
+    info = found.engines.get((domain["kind"], domain["engine"]))
+    if info is None:
+        raise EngineUnavailable(f"no engine {domain['engine']!r} of kind {domain['kind']!r} is "
+                                f"installed; available: {found.listing(domain['kind'])}")
+    return engine_class(info)(domain, ctx)
+
+
+def engine_class(info: registry.EngineInfo) -> type[Engine]:
+    """Import an engine's class. Any failure is the engine's, so it becomes EngineUnavailable
+    with the cause: the worker reports it and only the domains using this engine fail."""
+    what = f"engine {info.name!r} ({info.origin()})"
+    module_name, attr = info.target.split(":")
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise EngineUnavailable(f"engine {domain['engine']!r} cannot be imported: {exc}") from exc
-    return getattr(module, cls_name)(domain, ctx)
+        obj: Any = importlib.import_module(module_name)
+    except Exception as exc:  # a plugin may fail on import in any way, not only ImportError
+        detail = str(exc) if isinstance(exc, ImportError) else f"{type(exc).__name__}: {exc}"
+        raise EngineUnavailable(f"{what} cannot be imported: {detail}") from exc
+    for part in attr.split("."):
+        obj = getattr(obj, part, None)
+    if not (isinstance(obj, type) and issubclass(obj, Engine)):
+        raise EngineUnavailable(f"{what}: {info.target} is not a subclass of "
+                                f"resisod.engines.base.Engine")
+    if obj.kind and obj.kind != info.kind:
+        raise EngineUnavailable(f"{what}: {info.target} is an engine of kind {obj.kind!r}, "
+                                f"declared as {info.kind!r}")
+    return obj
