@@ -8,7 +8,7 @@ from typing import Any
 from .. import builtin
 from ..protocol import Code
 from .base import Engine, EngineUnavailable, JobControl, JobError
-from .llm_common import chat_messages, finish_stats
+from .llm_common import StopText, Utf8Text, chat_messages, finish_stats
 
 
 class LlamaCppEngine(Engine):
@@ -48,6 +48,8 @@ class LlamaCppEngine(Engine):
         self.formatter = Jinja2ChatFormatter(template=template, eos_token=eos_text,
                                              bos_token=bos_text) if template else None
         self.eos_id = eos
+        vocab = self.llm._model.vocab
+        self.is_eog = lambda token: bool(llama_cpp.llama_vocab_is_eog(vocab, token))
 
     def unload(self) -> None:
         self.llm.close()
@@ -77,25 +79,40 @@ class LlamaCppEngine(Engine):
             # which moves logits by rounding error: a repeatable answer needs a clean context
             self.llm.reset()
         t0 = time.perf_counter()
-        stream = self.llm.create_completion(
-            tokens, max_tokens=max_tokens, temperature=params["temperature"],
-            top_p=1.0 if greedy else params["top_p"], top_k=1 if greedy else params["top_k"],
-            seed=params["seed"] if params["seed"] is not None else -1,
-            stop=params["stop"] + template_stop, stream=True)
-        text, n, ttft, finish = [], 0, None, "stop"
+        # the token loop is ours rather than create_completion's stream: that one decodes the
+        # tokens it still holds back at the end one at a time with errors="ignore", which
+        # loses a character split across them (say, the start of a Chinese stop string).
+        # The sampler settings are the ones create_completion passes: answers stay the same.
+        self.llm.set_seed(params["seed"] if params["seed"] is not None else -1)
+        gen = self.llm.generate(
+            tokens, temp=params["temperature"], top_p=1.0 if greedy else params["top_p"],
+            top_k=1 if greedy else params["top_k"], min_p=0.05, typical_p=1.0,
+            repeat_penalty=1.0)
+        utf8, out = Utf8Text(), StopText(params["stop"] + template_stop)
+        n, ttft, finish = 0, None, "length"
         try:
-            for chunk in stream:
+            for token in gen:
                 job.checkpoint()
-                choice = chunk["choices"][0]
-                piece = choice.get("text") or ""
+                if self.is_eog(token):
+                    finish = "stop"
+                    break
+                n += 1
+                piece = out.feed(utf8.feed(self.llm.detokenize([token])))
                 if piece:
                     if ttft is None:
                         ttft = time.perf_counter() - t0
-                    n += 1
-                    text.append(piece)
                     job.emit("token", text=piece)
-                if choice.get("finish_reason"):
-                    finish = choice["finish_reason"]
+                if out.stopped:
+                    finish = "stop"
+                    break
+                if n >= max_tokens:
+                    break
         finally:
-            stream.close()
-        return finish_stats("".join(text), finish, len(tokens), n, ttft, t0)
+            gen.close()
+        # bytes of a character max_tokens cut short stay out of the answer (utf8 holds them)
+        piece = out.flush()
+        if piece:
+            if ttft is None:
+                ttft = time.perf_counter() - t0
+            job.emit("token", text=piece)
+        return finish_stats(out.text, finish, len(tokens), n, ttft, t0)

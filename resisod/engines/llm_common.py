@@ -1,8 +1,112 @@
-"""Pieces both LLM engines share: the chat turn list and the result's numbers."""
+"""Pieces both LLM engines share: the chat turn list, the streamed text, the result's numbers.
+
+Streamed text obeys two rules in both engines: a `token` event never holds part of a
+character (byte-level tokenizers split one CJK character or emoji over two to four tokens),
+and the events join to exactly the final `result`, so the result is built from the pieces
+themselves. A character still incomplete when generation ends (max_tokens cut it) is dropped
+from both.
+"""
 from __future__ import annotations
 
+import codecs
 import time
-from typing import Any
+from typing import Any, Callable, Sequence
+
+REPLACEMENT = "\ufffd"
+
+
+class Utf8Text:
+    """Token bytes in, whole characters out (llama.cpp hands out each token's raw bytes).
+
+    A sequence that cannot become valid UTF-8 is decoded to U+FFFD as soon as that is
+    certain; an incomplete one waits for its next bytes."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, data: bytes) -> str:
+        return self._decoder.decode(data)
+
+    def pending(self) -> bytes:
+        """Bytes held back as the start of a character (dropped if generation ends here)."""
+        return self._decoder.getstate()[0]
+
+
+class IdsText:
+    """Token ids in, whole characters out, for tokenizers that only decode id sequences.
+
+    Decoding one id alone loses context (a byte-fallback fragment becomes U+FFFD, some
+    tokenizers drop a leading space), so each step decodes the ids since the last emitted
+    piece together with the ids before it and emits the new suffix, once it no longer ends
+    in U+FFFD: a trailing U+FFFD is most often a character whose remaining bytes are still
+    to come. `decode` must map a prefix of the ids to a prefix of the text (no clean-up of
+    spaces across tokens)."""
+
+    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+        self._decode = decode
+        self._ids: list[int] = []
+        self._prefix = 0  # ids[_prefix:_read] were emitted; kept as context for the next piece
+        self._read = 0
+
+    def feed(self, ids: Sequence[int]) -> str:
+        self._ids.extend(ids)
+        before = self._decode(self._ids[self._prefix:self._read])
+        text = self._decode(self._ids[self._prefix:])
+        if len(text) <= len(before) or text.endswith(REPLACEMENT):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(before):]
+
+    def finish(self) -> str:
+        """What the held-back ids decode to once no more come, less the trailing U+FFFD of
+        a character they leave incomplete (the same choice `Utf8Text` makes)."""
+        before = self._decode(self._ids[self._prefix:self._read])
+        text = self._decode(self._ids[self._prefix:])
+        self._prefix = self._read = len(self._ids)
+        return text[len(before):].rstrip(REPLACEMENT)
+
+
+class StopText:
+    """Decoded text in, the pieces a job streams out: text that a stop string may yet trim
+    is held back until it is clear either way, so no piece is ever taken back."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = [s for s in stops if s]
+        self._held = ""
+        self.pieces: list[str] = []
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        """The text to stream now ('' when all of it is held back)."""
+        if self.stopped:
+            return ""
+        text = self._held + text
+        hits = [i for i in (text.find(s) for s in self._stops) if i >= 0]
+        if hits:
+            self.stopped, self._held = True, ""
+            return self._out(text[:min(hits)])
+        keep = 0  # the longest end of the text that begins some stop string
+        for s in self._stops:
+            for i in range(min(len(s) - 1, len(text)), keep, -1):
+                if text.endswith(s[:i]):
+                    keep = i
+                    break
+        self._held = text[len(text) - keep:] if keep else ""
+        return self._out(text[:len(text) - keep])
+
+    def flush(self) -> str:
+        """Generation ended without a stop: the held-back text is part of the answer."""
+        held, self._held = self._held, ""
+        return "" if self.stopped else self._out(held)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+    def _out(self, piece: str) -> str:
+        if piece:
+            self.pieces.append(piece)
+        return piece
 
 
 def chat_messages(params: dict[str, Any]) -> list[dict[str, str]]:

@@ -6,15 +6,48 @@ reads the job's cancel flag, so cancellation lands within one token.
 from __future__ import annotations
 
 import os
+import queue
 import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 from .. import builtin
 from ..protocol import Code
 from .base import Cancelled, Engine, EngineUnavailable, JobControl, JobError
-from .llm_common import chat_messages, finish_stats
+from .llm_common import IdsText, StopText, chat_messages, finish_stats
 from ..devices import place_torch
+
+
+def text_decoder(tokenizer: Any) -> IdsText:
+    """The generated ids' text as whole characters. Special tokens (the end of a turn) are
+    not text; the clean-up of spaces before punctuation is off because it can change text
+    already streamed once the next token arrives."""
+    return IdsText(lambda ids: tokenizer.decode(ids, skip_special_tokens=True,
+                                                clean_up_tokenization_spaces=False))
+
+
+class IdStreamer:
+    """The new token ids of `model.generate`, handed from its thread to the engine's.
+
+    `generate` calls `put` with the prompt first, then with each step's ids, and `end`
+    once (also called when generate fails, so the reader never waits forever)."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[list[int] | None] = queue.Queue()
+        self._prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        self._queue.put(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        self._queue.put(None)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while (ids := self._queue.get()) is not None:
+            yield ids
 
 
 class TransformersEngine(Engine):
@@ -66,7 +99,7 @@ class TransformersEngine(Engine):
         return tok(text, return_tensors="pt").input_ids
 
     def run(self, params: dict[str, Any], job: JobControl) -> dict[str, Any]:
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+        from transformers import StoppingCriteria, StoppingCriteriaList
         torch = self.torch
         ids = self._prompt_ids(chat_messages(params)).to(self.device)
         n_prompt = ids.shape[1]
@@ -80,8 +113,7 @@ class TransformersEngine(Engine):
             def __call__(self, input_ids: Any, scores: Any, **kw: Any) -> bool:
                 return job.cancelled.is_set()
 
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True,
-                                        skip_special_tokens=True)
+        streamer = IdStreamer()
         greedy = params["temperature"] == 0
         gen_kw: dict[str, Any] = dict(
             input_ids=ids, attention_mask=torch.ones_like(ids),
@@ -107,30 +139,35 @@ class TransformersEngine(Engine):
         t0 = time.perf_counter()
         worker = threading.Thread(target=generate, daemon=True)
         worker.start()
-        text, ttft, n, stopped_by = [], None, 0, None
-        for piece in streamer:
+        # ids are decoded here rather than by TextIteratorStreamer, which waits for a space
+        # (or a CJK character) before it lets text go and cannot hold back text a stop
+        # string will trim
+        decoder = text_decoder(self.tokenizer)
+        stops = StopText(params["stop"])
+        ttft = None
+
+        def emit(piece: str) -> None:
+            nonlocal ttft
+            if piece:
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
+                job.emit("token", text=piece)
+
+        for new_ids in streamer:
             job.poll()  # a cancel read here stops generate() at its next token
-            if not piece:
-                continue
             if job.cancelled.is_set():
                 continue  # drain; generate stops at the next token
-            if ttft is None:
-                ttft = time.perf_counter() - t0
-            text.append(piece)
-            n += 1
-            job.emit("token", text=piece)
-            joined = "".join(text)
-            hit = next((s for s in params["stop"] if s in joined), None)
-            if hit:
-                stopped_by = joined[:joined.index(hit)]
+            emit(stops.feed(decoder.feed(new_ids)))
+            if stops.stopped:
                 job.cancelled.set()
         worker.join()
         if "error" in out:
             raise out["error"]
-        if job.cancelled.is_set() and stopped_by is None:
+        if job.cancelled.is_set() and not stops.stopped:
             raise Cancelled()
+        emit(stops.feed(decoder.finish()))
+        emit(stops.flush())
         generated = out["ids"].shape[1] - n_prompt
-        finish = "stop" if stopped_by is not None or generated < gen_kw["max_new_tokens"] \
+        finish = "stop" if stops.stopped or generated < gen_kw["max_new_tokens"] \
             else "length"
-        result = stopped_by if stopped_by is not None else "".join(text)
-        return finish_stats(result, finish, n_prompt, int(generated), ttft, t0)
+        return finish_stats(stops.text, finish, n_prompt, int(generated), ttft, t0)
