@@ -22,6 +22,7 @@ import zmq
 from . import __version__, expiry, logsetup, status
 from .client_ops import ClientOps
 from .loop_health import LoopWatch
+from .monitors import Monitors
 from .outbox import Outbox
 from .paths import SocketClaim
 from .protocol import HARD_FRAME_LIMIT
@@ -78,14 +79,16 @@ class Broker:
         os.chmod(worker_path, 0o600)
         self.outbox = Outbox()
         self.subs = Subscriptions(self.outbox, sched, silence_s=max(4 * self.hb, 1.0))
+        self.monitors = Monitors(self.outbox.post, silence_s=self.subs.silence_s)
         self.link = WorkerLink(self.workers, supervisor, sched, self.subs)
         self.ops = ClientOps(
             sched, self.subs, self.outbox, store, apply=self.apply,
             status=lambda: status.snapshot(sched, socket_path=self.socket_path,
                                            state_dir=self.state_dir, started=self.started,
-                                           gpus=gpus, loop=self.loop.report()),
+                                           gpus=gpus, loop=self.loop.report(),
+                                           aliases=cfg["aliases"]),
             max_request_bytes=cfg["daemon"]["max_request_bytes"],
-            alive_ms=round(self.hb * 1000))
+            alive_ms=round(self.hb * 1000), aliases=cfg["aliases"], monitors=self.monitors)
 
     def _router(self, endpoint: str, *, sndhwm: int, rcvhwm: int) -> zmq.Socket:
         s = self.ctx.socket(zmq.ROUTER)
@@ -234,10 +237,20 @@ class Broker:
         if now >= self.next_positions:
             self.subs.send_positions(now)
             self.next_positions = now + POSITION_UPDATE_S
+        self.monitors.tick(now, self.ops.status, self.recent_jobs)
         if now >= self.next_heartbeat:
             self.link.heartbeat()
             self.supervisor.check_memory()
             self.next_heartbeat = now + self.hb
+
+    def recent_jobs(self, limit: int) -> list[dict[str, Any]]:
+        """For live views: the live jobs first (running, then queued), then the newest."""
+        live = sorted(self.sched.jobs.live, key=lambda j: (j.state != "running", j.created_at))
+        picked = live[:limit]
+        seen = set(picked)
+        picked += [j for j in self.sched.jobs.recent(limit, None) if j not in seen]
+        now = self.clock()
+        return [{**j.record(), **self.ops.timing(j, now)} for j in picked[:limit]]
 
     def commit(self) -> None:
         """Make this iteration's state changes durable, then tell clients about them."""
@@ -251,6 +264,7 @@ class Broker:
         """A client gone, or not reading while CLIENT_SNDHWM events piled up for it: it is
         forgotten before the daemon's memory grows; its detached jobs and images run on."""
         jobs = self.subs.drop_client(ident)
+        self.monitors.drop_client(ident)
         (log.warning if stalled else log.info)(
             "client %s %s; dropped it and cancelled %d of its jobs", ident.hex(),
             "stopped reading" if stalled else "has gone", len(jobs))

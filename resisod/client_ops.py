@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from . import __version__, domains as domain_routing, logsetup, params as job_params
 from .jobs import CANCELLED, Job
+from .monitors import Monitors
 from .outbox import Outbox
 from .protocol import (PRIORITY_ORDER, Code, Event, JobState, Op, ProtocolError, check_request,
                        error, event, field, unpack)
@@ -30,18 +31,23 @@ DATA_CHUNK = 4 << 20    # bytes of a result file one `get` carries
 class ClientOps:
     def __init__(self, sched: Scheduler, subs: Subscriptions, outbox: Outbox, store: JobStore,
                  *, apply: Callable[[list[Any]], None], status: Callable[[], dict[str, Any]],
-                 max_request_bytes: int, alive_ms: int):
+                 max_request_bytes: int, alive_ms: int,
+                 aliases: dict[str, dict[str, str]] | None = None,
+                 monitors: Monitors | None = None):
         self.sched, self.subs, self.store = sched, subs, store
         self.post = outbox.post
         self.apply = apply                  # the broker applies scheduler effects
         self.status = status
         self.max_request = max_request_bytes
         self.alive_ms = alive_ms
+        self.aliases = aliases
+        self.monitors = monitors or Monitors(outbox.post, silence_s=1.0)
         self.debug = log.isEnabledFor(logging.DEBUG)  # the level is fixed at start-up
         self.ops = {Op.SUBMIT: self.op_submit, Op.WATCH: self.op_watch,
                     Op.CANCEL: self.op_cancel, Op.GET: self.op_get,
                     Op.STATUS: self.op_status, Op.JOBS: self.op_jobs,
-                    Op.PING: self.op_ping, Op.ALIVE: self.op_alive}
+                    Op.PING: self.op_ping, Op.ALIVE: self.op_alive,
+                    Op.MONITOR: self.op_monitor}
 
     def handle(self, ident: bytes, frames: list[bytes]) -> None:
         rid = None
@@ -71,12 +77,13 @@ class ClientOps:
         if sched.stopping:
             raise ProtocolError(Code.SHUTTING_DOWN,
                                 "resisod is shutting down; submit again once it is back")
-        p = msg.get("params")
-        domain = domain_routing.pick(sched.domains, field(msg, "domain", str),
-                                     field(msg, "kind", str),
-                                     p.get("model") if isinstance(p, dict) else None)
+        p = msg.get("params", {})
+        domain, routed = domain_routing.pick(sched.domains, field(msg, "domain", str),
+                                             field(msg, "kind", str), p, self.aliases)
         sched.refuse(domain)
-        params = job_params.validate(domain.kind, msg.get("params", {}), domain.cfg)
+        if routed and isinstance(p, dict):
+            p = {**p, **routed}
+        params = job_params.validate(domain.kind, p, domain.cfg)
         priority = field(msg, "priority", str, default=domain.cfg["priority"])
         if priority not in PRIORITY_ORDER:
             raise ProtocolError(Code.BAD_REQUEST, f"'priority' must be one of "
@@ -127,14 +134,9 @@ class ClientOps:
 
     def op_get(self, ident: bytes, rid: Any, msg: dict[str, Any]) -> None:
         job = self.lookup(msg)
-        out = job.record()
-        now = self.sched.clock()
-        if job.state == JobState.QUEUED and job in self.sched.jobs.live:
-            out["position"] = self.sched.position(job)
-            out["estimated_time_ms"] = round(self.sched.wait_estimate(job, now))
-        elif job.state == JobState.RUNNING:
-            out["estimated_time_remaining_ms"] = round(
-                self.sched.domains[job.domain].remaining(job, now))
+        out = {**job.record(), **self.timing(job, self.sched.clock())}
+        if field(msg, "params", bool, default=False):  # prompts: only for who asks by id
+            out["params"] = job.params
         if field(msg, "data", bool, default=False) and job.state == JobState.COMPLETED:
             path = out.get("image_path") or out.get("audio_path") or out.get("result_path")
             if path:
@@ -154,6 +156,18 @@ class ClientOps:
                 out["data_offset"] = offset
         self.post(ident, event(Event.RESULT, rid, **out))
 
+    def timing(self, job: Job, now: float) -> dict[str, Any]:
+        """Where a live job stands: a queued one's position and wait, a running one's
+        remaining time."""
+        if job.state == JobState.QUEUED and job in self.sched.jobs.live:
+            return {"position": self.sched.position(job),
+                    "estimated_time_ms": round(self.sched.wait_estimate(job, now))}
+        if job.state == JobState.RUNNING:
+            domain = self.sched.domains[job.domain]
+            return {"estimated_time_remaining_ms": round(
+                domain.countdown(job, domain.remaining(job, now)))}
+        return {}
+
     def op_jobs(self, ident: bytes, rid: Any, msg: dict[str, Any]) -> None:
         limit = max(1, min(field(msg, "limit", int, default=20), MAX_JOBS_LISTED))
         jobs = self.sched.jobs.recent(limit, field(msg, "state", str))
@@ -164,8 +178,14 @@ class ClientOps:
                                pid=os.getpid()))
 
     def op_alive(self, ident: bytes, rid: Any, msg: dict[str, Any]) -> None:
-        rids = field(msg, "rids", list, default=[])
-        self.subs.alive(ident, rids[:MAX_ALIVE_RIDS], self.sched.clock())
+        rids = field(msg, "rids", list, default=[])[:MAX_ALIVE_RIDS]
+        now = self.sched.clock()
+        self.subs.alive(ident, self.monitors.alive(ident, rids, now), now)
+
+    def op_monitor(self, ident: bytes, rid: Any, msg: dict[str, Any]) -> None:
+        self.monitors.add(ident, rid, self.sched.clock(),
+                          interval_s=field(msg, "interval_ms", int, default=1000) / 1000.0,
+                          jobs=field(msg, "jobs", int, default=0))
 
     def op_status(self, ident: bytes, rid: Any, msg: dict[str, Any]) -> None:
         self.post(ident, event(Event.RESULT, rid, **self.status()))

@@ -6,18 +6,20 @@ as they are. The schema below is the single source of defaults; config.toml docu
 from __future__ import annotations
 
 import copy
+import json
 import os
 import tomllib
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from . import seed_config
+from .engines import registry as engine_registry
+
 KINDS = ("llm", "tts", "image", "null")
-ENGINES = {
-    "llm": ("llama_cpp", "transformers"),
-    "tts": ("piper", "coqui", "espeak"),
-    "image": ("diffusers",),
-    "null": ("null",),
-}
+# the engines are those installed (package metadata, nothing imported); a domain that names
+# none gets its kind's default
+DEFAULT_ENGINE = {"llm": "llama_cpp", "tts": "piper", "image": "diffusers", "null": "null"}
+ENGINES = {kind: engine_registry.discover().names(kind, DEFAULT_ENGINE[kind]) for kind in KINDS}
 PRIORITIES = ("realtime", "normal", "batch")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -72,6 +74,29 @@ def _cpus(v: Any) -> str | None:
     if not isinstance(v, list) or not all(isinstance(c, int) and not isinstance(c, bool)
                                          and c >= 0 for c in v):
         return "must be a list of CPU numbers (non-negative integers), e.g. [0, 1]"
+    return None
+
+
+def _names(v: Any) -> str | None:
+    if not isinstance(v, list) or not all(isinstance(n, str) and n.strip() for n in v):
+        return "must be a list of non-empty strings"
+    return None
+
+
+def _plain(v: Any) -> bool:
+    if isinstance(v, dict):
+        return all(isinstance(k, str) and _plain(x) for k, x in v.items())
+    if isinstance(v, list):
+        return all(_plain(x) for x in v)
+    return isinstance(v, (str, int, float, bool))
+
+
+def _options(v: Any) -> str | None:
+    # unvalidated, but it travels to the worker as JSON: TOML dates and times cannot
+    if not isinstance(v, dict):
+        return f"must be a table, got {type(v).__name__}"
+    if not _plain(v):
+        return "may hold strings, numbers, booleans, arrays and tables only (no dates or times)"
     return None
 
 
@@ -141,6 +166,8 @@ DOMAIN_COMMON: dict[str, Key] = {
     "keep_alive_s": Key(0.0, _num(0, 7 * 86400)),  # a week; the worker waits in int32 ms
     "preemptible": Key(False, _bool),
     "timeout_ms": Key(0, _int(0)),
+    # the engine's own settings (a plugin's), passed to it as they are
+    "options": Key({}, _options),
 }
 
 DOMAIN_KIND: dict[str, dict[str, Key]] = {
@@ -148,12 +175,19 @@ DOMAIN_KIND: dict[str, dict[str, Key]] = {
         "context_size": Key(2048, _int(64, 1048576)),
         "max_tokens_limit": Key(4096, _int(1, 1048576)),
         "default_max_tokens": Key(256, _int(1, 1048576)),
+        "default_temperature": Key(0.7, _num(0.0, 2.0)),
         "dtype": Key("auto", _str(("auto", "fp32", "fp16", "bf16"))),
         "gpu_layers": Key(-1, _int(-1)),
         "model_name": Key("", _str()),
     },
     "tts": {
         "voice": Key("", _str()),
+        "speed": Key(1.0, _num(0.25, 4.0)),  # speed of requests that give none
+        # the language this domain speaks ("" = read from the voice or model name); a request
+        # without a voice is sent to a domain of its text's language
+        "language": Key("", _str()),
+        # further voice names requests may give; passed to the engine as they are
+        "voices": Key([], _names),
         "max_chars": Key(5000, _int(1, 1000000)),
         "cache_mb": Key(256, _int(0)),
         "config_path": Key("", _str()),
@@ -180,9 +214,51 @@ DEFAULT_DOMAINS: dict[str, dict[str, Any]] = {
             "priority": "realtime"},
     "tts": {"kind": "tts", "engine": "piper", "model": "builtin:en_US-joe-medium",
             "device": "cpu", "priority": "realtime"},
+    # Mandarin: espeak-ng's cmn voice, the one Chinese voice that ships offline
+    "tts-zh": {"kind": "tts", "engine": "espeak", "voice": "cmn", "device": "cpu",
+               "priority": "realtime"},
     "image": {"kind": "image", "engine": "diffusers", "model": "builtin:tiny-sd",
               "priority": "batch", "preemptible": True, "max_queue": 256},
 }
+
+
+# Names that clients of other APIs send and cannot be told to change: OpenAI's voices and
+# models. A voice alias names a voice ("" = a voice of the text's language); a model alias
+# names a kind (the usual routing then picks the domain) or a domain.
+OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage",
+                 "shimmer", "verse")
+DEFAULT_ALIASES: dict[str, dict[str, str]] = {
+    "models": {"tts-1": "tts", "tts-1-hd": "tts", "gpt-4o-mini-tts": "tts",
+               "dall-e-2": "image", "dall-e-3": "image"},
+    "voices": {v: "" for v in OPENAI_VOICES},
+}
+
+
+def _aliases(given: Any, domains: dict[str, Any], errors: list[str]) -> dict[str, dict[str, str]]:
+    out = copy.deepcopy(DEFAULT_ALIASES)
+    if given is None:
+        return out
+    if not isinstance(given, dict):
+        errors.append("[aliases] must be a table")
+        return out
+    for table, entries in given.items():
+        if table not in out:
+            errors.append(f"aliases.{table}: unknown table; allowed: models, voices")
+            continue
+        if not isinstance(entries, dict):
+            errors.append(f"[aliases.{table}] must be a table of \"name\" = \"target\"")
+            continue
+        for name, target in entries.items():
+            if not isinstance(target, str):
+                errors.append(f"aliases.{table}.{name}: must be a string, got "
+                              f"{type(target).__name__}")
+            elif table == "models" and target not in KINDS and target not in domains:
+                errors.append(f"aliases.models.{name}: {target!r} is neither a kind "
+                              f"({', '.join(KINDS)}) nor a configured domain "
+                              f"({', '.join(sorted(domains)) or 'none'})")
+            else:
+                out[table][name] = target
+    return out
 
 
 def _apply(section: str, schema: dict[str, Key], given: Any, errors: list[str]) -> dict[str, Any]:
@@ -214,15 +290,20 @@ def _domain(name: str, given: Any, errors: list[str]) -> dict[str, Any]:
         errors.append(f"domains.{name}.kind: must be one of {', '.join(KINDS)}, got {kind!r}")
         return {}
     schema = {**DOMAIN_COMMON, **DOMAIN_KIND[kind]}
-    base = {k: v for k, v in DEFAULT_DOMAINS.get(name, {}).items()
-            if DEFAULT_DOMAINS[name].get("kind") == kind}
+    # a default domain's settings carry over to the same kind; its engine and model only
+    # to the same engine: an espeak [domains.tts] must not inherit the Piper voice file
+    default = DEFAULT_DOMAINS.get(name, {})
+    base = dict(default) if default.get("kind") == kind else {}
+    if given.get("engine", base.get("engine")) != base.get("engine"):
+        base = {k: v for k, v in base.items() if k not in ("engine", "model", "voice")}
     out = _apply(f"domains.{name}", schema, {**base, **given}, errors)
     out["kind"] = kind
-    if out["engine"] is None:
+    if out["engine"] is None and ENGINES[kind]:
         out["engine"] = ENGINES[kind][0]
-    elif out["engine"] not in ENGINES[kind]:
-        errors.append(f"domains.{name}.engine: for kind {kind!r} must be one of "
-                      f"{', '.join(ENGINES[kind])}, got {out['engine']!r}")
+    if out["engine"] not in ENGINES[kind]:
+        errors.append(f"domains.{name}.engine: for kind {kind!r} must be one of the engines "
+                      f"installed, {engine_registry.discover().listing(kind)}; "
+                      f"got {out['engine']!r}")
     if kind != "null" and not out["model"] and not (kind == "tts" and out["engine"] == "espeak"):
         errors.append(f"domains.{name}.model: required for kind {kind!r} "
                       f"(a path or a builtin: name)")
@@ -240,7 +321,7 @@ def build(raw: dict[str, Any]) -> dict[str, Any]:
     """Validate a parsed TOML tree; return the effective configuration or raise ConfigError."""
     errors: list[str] = []
     cfg: dict[str, Any] = {}
-    known = {"daemon", "logging", "resources", "http", "domains"}
+    known = {"daemon", "logging", "resources", "http", "domains", "aliases"}
     for name in raw:
         if name not in known:
             errors.append(f"{name}: unknown section; allowed: {', '.join(sorted(known))}")
@@ -267,6 +348,7 @@ def build(raw: dict[str, Any]) -> dict[str, Any]:
             errors.append(f"domains.{name}: a domain name may hold letters, digits, '-' and '_'")
             continue
         cfg["domains"][name] = _domain(name, given, errors)
+    cfg["aliases"] = _aliases(raw.get("aliases"), cfg["domains"], errors)
     if errors:
         raise ConfigError(errors)
     return cfg
@@ -276,6 +358,8 @@ def load(path: str | None) -> dict[str, Any]:
     """Load and validate a config file; None means built-in defaults only."""
     if not path:
         return build({})
+    if path.endswith(".json"):  # the original design's config.json
+        return build(_seed_json(path))
     try:
         with open(path, "rb") as f:
             raw = tomllib.load(f)
@@ -285,3 +369,16 @@ def load(path: str | None) -> dict[str, Any]:
         raise ConfigError([f"{path}: not valid TOML: {exc}"])
     return build(raw)
 
+
+def _seed_json(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError([f"config file {path} does not exist"])
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}: not valid JSON: {exc}"])
+    try:
+        return seed_config.translate(raw, os.path.dirname(os.path.abspath(path)))
+    except ValueError as exc:
+        raise ConfigError(list(exc.args[0]))

@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import voices
 from .jobs import DomainQueue, Job
 from .protocol import Code, ProtocolError
 
@@ -72,6 +73,16 @@ class Domain:
         """Jobs of this kind report steps, so estimates scale with the step count."""
         return self.kind in ("image", "null")
 
+    def scale(self, job: Job) -> float:
+        """A job's work per step relative to a step at the domain's default size: image
+        steps cost in proportion to their pixels, so `step_ms` is kept per default-sized
+        step and scaled per job."""
+        if self.kind != "image":
+            return 1.0
+        p = job.params
+        return (p.get("width", 1) * p.get("height", 1)) / \
+            max(1, self.cfg["default_width"] * self.cfg["default_height"])
+
     def learn(self, job: Job, duration_ms: float) -> None:
         self.latencies_ms.append(duration_ms)
         self.duration_hist.observe(duration_ms / 1000)
@@ -83,17 +94,26 @@ class Domain:
         self.job_ms = duration_ms if self.job_ms is None else 0.8 * self.job_ms + 0.2 * duration_ms
         steps = job.params.get("steps") if self.stepped else None
         if steps:
-            per = duration_ms / steps
+            per = duration_ms / steps / self.scale(job)
             self.step_ms = per if self.step_ms is None else 0.8 * self.step_ms + 0.2 * per
 
-    def learn_step(self, step_ms: float) -> None:
-        self.step_ms = step_ms if self.step_ms is None else 0.9 * self.step_ms + 0.1 * step_ms
+    def learn_step(self, step_ms: float, job: Job | None = None) -> None:
+        per = step_ms / (self.scale(job) if job is not None else 1.0)
+        self.step_ms = per if self.step_ms is None else 0.9 * self.step_ms + 0.1 * per
+
+    def warmed_up(self, figures: Any) -> None:
+        """What a worker measured at load (a warm-up job): the first estimates, before any
+        job has run here."""
+        if isinstance(figures, dict) and self.step_ms is None:
+            step_ms = figures.get("step_ms")
+            if isinstance(step_ms, (int, float)) and step_ms > 0:
+                self.step_ms = float(step_ms)
 
     def estimate(self, job: Job) -> float:
         """Expected run time of a job in ms (0 while nothing has been measured)."""
         steps = job.params.get("steps") if self.stepped else None
         if steps and self.step_ms is not None:
-            return self.step_ms * steps
+            return self.step_ms * steps * self.scale(job)
         return self.job_ms or 0.0
 
     def remaining(self, job: Job, now: float) -> float:
@@ -104,6 +124,15 @@ class Domain:
         if job.started_at is not None:
             return max(0.0, est - (now - job.started_at) * 1000)
         return est
+
+    @staticmethod
+    def countdown(job: Job, ms: float) -> float:
+        """The remaining time to tell about a running job: estimates are revised as steps
+        are timed, but what a client sees only counts down."""
+        if job.eta_ms is not None and ms > job.eta_ms:
+            ms = job.eta_ms
+        job.eta_ms = ms
+        return ms
 
     @property
     def workers(self) -> int:
@@ -140,32 +169,110 @@ def served_names(domain_cfg: dict[str, Any]) -> list[str]:
     model = domain_cfg["model"]
     if model.startswith("builtin:"):
         names.append(model[len("builtin:"):])
-    else:
+    elif model:
         names.append(os.path.basename(model.rstrip("/")))
-    return names
+        if names[-1].endswith(".onnx"):  # a Piper voice file is known by its name
+            names.append(names[-1][:-len(".onnx")])
+    return [n for n in dict.fromkeys(names) if n]
 
 
-def pick(domains: dict[str, Domain], name: str | None, kind: str | None,
-         model: Any) -> Domain:
-    """The domain a request names: by `domain`, else the first of its `kind` serving `model`."""
+def speech_language(cfg: dict[str, Any]) -> str | None:
+    """The language a TTS domain speaks: configured, else read from its voice or model name
+    (espeak with no voice speaks its default, English)."""
+    if cfg.get("language"):
+        return cfg["language"]
+    for name in (cfg["voice"], *served_names(cfg)):
+        lang = voices.language_of_name(name)
+        if lang:
+            return lang
+    return "en" if cfg["engine"] == "espeak" and not cfg["voice"] else None
+
+
+def _own_voices(cfg: dict[str, Any]) -> set[str]:
+    """Normalised names that stand for the domain's default voice: its voice, its model
+    names, and the names of its language."""
+    names = {cfg["voice"], *served_names(cfg)}
+    lang = speech_language(cfg)
+    if lang:
+        names.update(voices.names_of(lang))
+    return {voices.norm(n) for n in names if n}
+
+
+def served_voices(cfg: dict[str, Any]) -> list[str]:
+    """What `voice` may name to reach this domain (shown in `status`)."""
+    return sorted(_own_voices(cfg) | set(cfg["voices"]))
+
+
+def _not_found(kind: str, model: str, candidates: list[Domain],
+               aliases: dict[str, str]) -> ProtocolError:
+    names = sorted(n for d in candidates for n in served_names(d.cfg))
+    names += sorted(a for a, t in aliases.items() if t == kind or
+                    any(d.name == t for d in candidates))
+    return ProtocolError(Code.MODEL_NOT_FOUND, f"model {model!r} is not served; served "
+                         f"{kind} models: {', '.join(names) or 'none'}")
+
+
+def _route_voice(candidates: list[Domain], params: dict[str, Any],
+                 voice_aliases: dict[str, str]) -> tuple[Domain, dict[str, Any]]:
+    """The TTS domain for a request: the one that serves its voice, else one of its text's
+    language, else the first. A voice that names a domain as a whole (a locale, a language,
+    the voice file) becomes that domain's default voice; other names go to the engine."""
+    voice = params.get("voice") or ""
+    if not isinstance(voice, str):
+        raise ProtocolError(Code.BAD_REQUEST, "'voice' must be a string")
+    voice = voice_aliases.get(voice, voice)
+    if voice:
+        n = voices.norm(voice)
+        for d in candidates:
+            if n in _own_voices(d.cfg):
+                return d, {"voice": ""}
+        for d in candidates:
+            if voice in d.cfg["voices"]:
+                return d, {"voice": voice}
+    text = params.get("text")
+    lang = voices.detect_language(text) if isinstance(text, str) else None
+    if lang:
+        for d in candidates:
+            if speech_language(d.cfg) == lang:
+                return d, {"voice": voice}
+    return candidates[0], {"voice": voice}
+
+
+def pick(domains: dict[str, Domain], name: str | None, kind: str | None, params: Any,
+         aliases: dict[str, dict[str, str]] | None = None) -> tuple[Domain, dict[str, Any]]:
+    """The domain a request names, and what routing changed in its params.
+
+    By `domain`, else among the domains of its `kind`: the one serving its `model` (a served
+    name, a domain's name, the kind's name, or an alias naming a kind or a domain); for speech, the one serving its `voice` or
+    its text's language; else the first of the kind."""
+    aliases = aliases or {"models": {}, "voices": {}}
+    params = params if isinstance(params, dict) else {}
     if name is not None:
         if name not in domains:
             raise ProtocolError(Code.BAD_REQUEST, f"no domain {name!r}; configured: "
                                 f"{', '.join(sorted(domains)) or 'none'}")
-        return domains[name]
+        return domains[name], {}
     if kind is None:
         raise ProtocolError(Code.BAD_REQUEST, "field 'kind' is required")
     candidates = [d for d in domains.values() if d.kind == kind]
     if not candidates:
         raise ProtocolError(Code.BAD_REQUEST, f"no domain serves kind {kind!r}; served "
                             f"kinds: {', '.join(sorted({d.kind for d in domains.values()}))}")
+    model = params.get("model")
     if model:
         if not isinstance(model, str):
             raise ProtocolError(Code.BAD_REQUEST, "'model' must be a string")
-        for d in candidates:
-            if model in served_names(d.cfg):
-                return d
-        names = sorted(n for d in candidates for n in served_names(d.cfg))
-        raise ProtocolError(Code.BAD_REQUEST, f"model {model!r} is not served; served "
-                            f"{kind} models: {', '.join(names)}")
-    return candidates[0]
+        serving = [d for d in candidates if model in served_names(d.cfg)]
+        # an alias, else the model may be a domain's or the kind's own name
+        target = aliases["models"].get(model, model)
+        if serving:
+            candidates = serving
+        elif target == kind:
+            pass  # the kind as a whole (`tts-1`): voice and text choose among its domains
+        elif target in domains and domains[target].kind == kind:
+            candidates = [domains[target]]
+        else:
+            raise _not_found(kind, model, candidates, aliases["models"])
+    if kind == "tts":
+        return _route_voice(candidates, params, aliases["voices"])
+    return candidates[0], {}

@@ -104,12 +104,20 @@ def worker_env(domain: dict[str, Any], threads: int) -> dict[str, str]:
     return env
 
 
-def apply_in_worker(cpuset: list[int], sched: str) -> None:
-    """Pin and de-prioritise the calling process (the worker, before loading its engine)."""
+def pin_worker(cpuset: list[int]) -> None:
+    """Pin the calling worker to its cores, at nice 0: before its first thread starts, so that
+    every thread inherits both."""
     if cpuset:
         os.sched_setaffinity(0, cpuset)
     if os.getpriority(os.PRIO_PROCESS, 0) < 0:
         os.setpriority(os.PRIO_PROCESS, 0, 0)  # the daemon's boost is the daemon's alone
+
+
+def lower_worker_class(sched: str) -> None:
+    """Give the calling thread, and the threads it starts from now on, its domain's
+    scheduling class. On Linux the class and nice value are per thread: a worker's heartbeat
+    thread, started before this, keeps the normal class, so a batch worker that busy cores
+    starve under SCHED_IDLE still answers heartbeats and is not taken for hung."""
     if sched == "idle":
         try:
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))

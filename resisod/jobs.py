@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import heapq
 import os
 import random
 import time
@@ -53,6 +54,7 @@ class Job:
     detached: bool = False              # submitted without a streaming client: never auto-cancel
     last_position: int = -1             # the queue position last told to watchers
     step_mark: float = 0.0              # monotonic time of dispatch, then of the last step
+    eta_ms: float | None = None         # the remaining time last told: a countdown never rises
     seq: int = 0                        # FIFO order within a priority class
 
     def streaming_watchers(self) -> Any:
@@ -165,6 +167,8 @@ class JobTable:
 
     def recent(self, limit: int, state: str | None = None) -> list[Job]:
         """Newest first, optionally of one state."""
+        if state is None:  # the common case, asked every refresh of a live view: no full sort
+            return heapq.nlargest(limit, self.by_id.values(), key=lambda j: j.created_at)
         picked: list[Job] = []
         for job in sorted(self.by_id.values(), key=lambda j: j.created_at, reverse=True):
             if state is None or job.state == state:

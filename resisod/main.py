@@ -3,17 +3,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 
 from . import __version__, config, logsetup, paths
+from .engines import registry as engine_registry
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="resisod", description="resiso daemon: runs LLM, TTS and "
                                  "image jobs in isolated resource domains")
-    ap.add_argument("--config", default=os.environ.get("RESISO_CONFIG"),
-                    help="config file (TOML); env RESISO_CONFIG")
+    ap.add_argument("--config",
+                    default=os.environ.get("RESISO_CONFIG") or os.environ.get("CONFIG_PATH"),
+                    help="config file: TOML, or the original design's config.json; env "
+                         "RESISO_CONFIG or CONFIG_PATH")
+    ap.add_argument("--port", type=int, default=None,
+                    help="serve the HTTP gateway on this port (on the configured host, "
+                         "127.0.0.1 by default)")
     ap.add_argument("--socket", default=os.environ.get("RESISO_SOCKET"),
                     help="client socket path; env RESISO_SOCKET")
     ap.add_argument("--state-dir", default=os.environ.get("RESISO_STATE_DIR"),
@@ -38,11 +45,24 @@ def main(argv: list[str] | None = None) -> int:
     socket_path = args.socket or cfg["daemon"]["socket"] or paths.default_socket()
     state_dir = args.state_dir or cfg["daemon"]["state_dir"] or paths.default_state_dir()
     cfg["daemon"]["socket"], cfg["daemon"]["state_dir"] = socket_path, state_dir
+    if args.port is not None:
+        if not 1 <= args.port <= 65535:
+            print(f"resisod: --port must be between 1 and 65535, got {args.port}",
+                  file=sys.stderr)
+            return 2
+        host = cfg["http"]["listen"].rsplit(":", 1)[0]
+        cfg["http"].update(enabled=True, listen=f"{host}:{args.port}")
+    engines = engine_registry.discover()
     if args.check_config:
-        json.dump(cfg, sys.stdout, indent=2)
+        for line in engines.warnings:
+            print(f"resisod: warning: {line}", file=sys.stderr)
+        json.dump({**cfg, "engines": engines.view(), "engine_warnings": list(engines.warnings)},
+                  sys.stdout, indent=2)
         print()
         return 0
     logsetup.configure(cfg["logging"], batched=True)
+    for line in engines.warnings:  # a clash or a malformed plugin entry point, never fatal
+        logging.getLogger("resisod").warning("engines: %s", line)
     from .daemon import open_daemon
     try:
         broker = open_daemon(cfg)

@@ -57,7 +57,7 @@ def llm(p: dict[str, Any], domain: dict[str, Any]) -> dict[str, Any]:
         out["system"] = system
     limit = domain["max_tokens_limit"]
     out["max_tokens"] = _int(p, "max_tokens", 1, limit, domain["default_max_tokens"])
-    out["temperature"] = _num(p, "temperature", 0.0, 2.0, 0.7)
+    out["temperature"] = _num(p, "temperature", 0.0, 2.0, domain["default_temperature"])
     out["top_p"] = _num(p, "top_p", 0.0, 1.0, 0.95)
     out["top_k"] = _int(p, "top_k", 0, 1000, 40)
     out["seed"] = _int(p, "seed", 0, 2**32 - 1, None)
@@ -85,7 +85,7 @@ def tts(p: dict[str, Any], domain: dict[str, Any]) -> dict[str, Any]:
     return {
         "text": text,
         "voice": field(p, "voice", str, default="") or "",
-        "speed": _num(p, "speed", 0.25, 4.0, 1.0),
+        "speed": _num(p, "speed", 0.25, 4.0, domain["speed"]),
         "format": fmt,
     }
 

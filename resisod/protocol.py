@@ -36,8 +36,10 @@ class Op:
     STATUS = "status"
     JOBS = "jobs"
     PING = "ping"
-    # a streaming client's liveness signal while it waits on a job
+    # a streaming client's liveness signal while it waits on a job (or a monitor)
     ALIVE = "alive"
+    # a live view: a `status` event (the status answer plus recent jobs) every interval_ms
+    MONITOR = "monitor"
 
 
 def _values(cls: type) -> frozenset[str]:
@@ -56,6 +58,7 @@ class Event:
     AUDIO = "audio"
     PAUSED = "paused"
     RESUMED = "resumed"
+    STATUS = "status"        # a monitor's snapshot
     # finals
     RESULT = "result"
     ERROR = "error"
@@ -97,6 +100,7 @@ class Code:
     TOO_LARGE = "too_large"
     QUEUE_FULL = "queue_full"
     NOT_FOUND = "not_found"
+    MODEL_NOT_FOUND = "model_not_found"   # OpenAI's code for a model nobody serves
     ENGINE_UNAVAILABLE = "engine_unavailable"
     CONTEXT_OVERFLOW = "context_overflow"
     TIMEOUT = "timeout"

@@ -191,6 +191,7 @@ class Scheduler:
         job.attempts += 1
         job.progress = None
         job.step_mark = self.clock()
+        job.eta_ms = None
         domain.running.add(job)
         self._out.append(Start(slot, job))
         if domain.paused:
@@ -214,11 +215,12 @@ class Scheduler:
                 batch.preemptions += 1
 
     # --- worker events -----------------------------------------------------------------------
-    def worker_ready(self, slot: Slot) -> list[Any]:
+    def worker_ready(self, slot: Slot, warm_up: Any = None) -> list[Any]:
         slot.state, slot.ready_since, slot.loaded = SlotState.READY, self.clock(), True
         slot.load_failures = 0
         self.dispatch_due = True
         domain = self.domains[slot.domain]
+        domain.warmed_up(warm_up)
         if domain.unavailable_reason:
             domain.unavailable_reason = ""
             self._out.append(DomainHealth(domain))
@@ -237,10 +239,11 @@ class Scheduler:
         if name == Event.PROGRESS:
             now = self.clock()
             if fields.get("step", 0) > 0:
-                domain.learn_step((now - job.step_mark) * 1000)
+                domain.learn_step((now - job.step_mark) * 1000, job)
             job.step_mark = now
             left = max(0, fields.get("total", 0) - fields.get("step", 0))
-            fields["estimated_time_remaining_ms"] = round((domain.step_ms or 0.0) * left)
+            fields["estimated_time_remaining_ms"] = round(domain.countdown(
+                job, (domain.step_ms or 0.0) * domain.scale(job) * left))
             job.progress = fields
         elif name == Event.PAUSED:
             job.paused = True

@@ -6,7 +6,8 @@ import time
 from typing import Any
 
 from . import __version__, devices, isolation
-from .domains import served_names
+from .domains import served_names, served_voices, speech_language
+from .engines import registry as engine_registry
 from .scheduler import Scheduler
 from .slots import Slot, SlotState
 
@@ -29,7 +30,8 @@ def worker_view(slot: Slot, device: str) -> dict[str, Any]:
 
 
 def snapshot(sched: Scheduler, *, socket_path: str, state_dir: str, started: float,
-             gpus: bool, loop: dict[str, Any]) -> dict[str, Any]:
+             gpus: bool, loop: dict[str, Any],
+             aliases: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
     domains = {}
     for name, d in sched.domains.items():
         workers = [worker_view(s, d.cfg["device"]) for s in sched.slots_of[name]]
@@ -44,7 +46,11 @@ def snapshot(sched: Scheduler, *, socket_path: str, state_dir: str, started: flo
                          "models": served_names(d.cfg), "priority": d.cfg["priority"],
                          "state": state, "reason": d.unavailable_reason, "paused": d.paused,
                          "workers": workers, **d.stats()}
+        if d.kind == "tts":
+            domains[name].update(voices=served_voices(d.cfg), language=speech_language(d.cfg))
     return {"version": __version__, "pid": os.getpid(), "socket": socket_path,
             "state_dir": state_dir, "uptime_s": round(time.time() - started, 1),
             "stopping": sched.stopping, "loop": loop, "domains": domains,
+            "engines": engine_registry.discover().view(),
+            "aliases": aliases or {},
             "gpus": devices.probe() if gpus else []}

@@ -91,13 +91,15 @@ class Worker:
     def send(self, msg: dict[str, Any]) -> None:
         self.sock.send(pack(msg))
 
+    def start_heartbeat(self) -> None:
+        threading.Thread(target=heartbeat_loop, daemon=True, name="heartbeat", args=(
+            self.ctx, self.identity, self.spec["endpoint"],
+            self.spec["heartbeat_ms"] / 1000.0)).start()
+
     def serve(self) -> int:
         from .engines import EngineContext, create
         from .engines.base import EngineUnavailable
 
-        threading.Thread(target=heartbeat_loop, daemon=True, name="heartbeat", args=(
-            self.ctx, self.identity, self.spec["endpoint"],
-            self.spec["heartbeat_ms"] / 1000.0)).start()
         self.send({"op": WorkerMsg.HELLO, "pid": os.getpid()})
         spec, domain = self.spec, self.spec["domain"]
         ectx = EngineContext(
@@ -110,13 +112,14 @@ class Worker:
             t0 = time.monotonic()
             engine = create(domain, ectx)
             engine.load()
+            warm_up = engine.warm_up()
         except Exception as exc:  # the reason is shown in `resiso status`
             reason = str(exc) if isinstance(exc, EngineUnavailable) else \
                 f"{type(exc).__name__}: {exc}"
             self.send({"op": WorkerMsg.LOAD_FAILED, "reason": reason})
             time.sleep(0.1)  # let the frame leave before the process ends
             return 3
-        self.send({"op": WorkerMsg.READY, "capacity": 1,
+        self.send({"op": WorkerMsg.READY, "capacity": 1, "warm_up": warm_up,
                    "load_ms": (time.monotonic() - t0) * 1000})
         keep_alive = domain.get("keep_alive_s") or None
         loaded = True
@@ -221,9 +224,13 @@ def main() -> int:
     _die_with_parent()
     spec = json.loads(os.environ["RESISO_WORKER_SPEC"])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in the daemon's terminal is its own
-    # isolation first: thread pools and CPU sets must be in place before any engine import
-    isolation.apply_in_worker(spec["cpus"], spec["sched"])
-    code = Worker(spec).serve()
+    # isolation first: thread pools and CPU sets must be in place before any engine import;
+    # the heartbeat starts between the two steps, so it keeps the normal scheduling class
+    isolation.pin_worker(spec["cpus"])
+    worker = Worker(spec)
+    worker.start_heartbeat()
+    isolation.lower_worker_class(spec["sched"])
+    code = worker.serve()
     sys.stdout.flush()
     os._exit(code)  # skip interpreter teardown: engine threads may still hold resources
 

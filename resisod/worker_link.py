@@ -73,7 +73,7 @@ class WorkerLink:
             slot.state = SlotState.LOADING
         elif op == WorkerMsg.READY:
             log.info("worker %s ready (load %.0f ms)", slot.name, msg.get("load_ms", 0))
-            return self.sched.worker_ready(slot)
+            return self.sched.worker_ready(slot, msg.get("warm_up"))
         elif op == WorkerMsg.LOAD_FAILED:
             reason = str(msg.get("reason", "engine failed to load"))
             log.error("worker %s failed to load its engine: %s", slot.name, reason)

@@ -12,6 +12,15 @@ if ! command -v espeak-ng >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1;
     echo "setup: espeak-ng could not be installed; the espeak engine will be unavailable" >&2
 fi
 
+# chromium and chromedriver for the web console's browser tests (optional: they skip without)
+if ! { command -v chromium >/dev/null 2>&1 && [ -x /usr/bin/chromedriver ]; } && \
+    command -v apt-get >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo -n"
+  { $SUDO apt-get update -q >/dev/null 2>&1 && \
+    $SUDO apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; } || \
+    echo "setup: chromium could not be installed; the web console's browser tests will skip" >&2
+fi
+
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 PIP=".venv/bin/python -m pip"

@@ -48,13 +48,14 @@ def wait_for(pred, timeout: float = 20.0, interval: float = 0.02, what: str = "c
 
 class DaemonHandle:
     def __init__(self, config: str, *, env: dict[str, str] | None = None,
-                 state_dir: str | None = None, run_dir: str | None = None):
+                 state_dir: str | None = None, run_dir: str | None = None,
+                 config_name: str = "config.toml"):
         # ipc:// paths must stay short: keep the socket in a short directory under /tmp
         self.run_dir = run_dir or tempfile.mkdtemp(prefix="rs-", dir="/tmp")
         self.socket = os.path.join(self.run_dir, "sock", "d.sock")
         self.state_dir = state_dir or os.path.join(self.run_dir, "state")
-        self.config_path = os.path.join(self.run_dir, "config.toml")
-        with open(self.config_path, "w") as f:
+        self.config_path = os.path.join(self.run_dir, config_name)
+        with open(self.config_path, "w", encoding="utf-8") as f:
             f.write(textwrap.dedent(config))
         self.log_path = os.path.join(self.run_dir, "daemon.log")
         self.env = {**os.environ, "RESISO_SOCKET": self.socket, **(env or {})}

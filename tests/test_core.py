@@ -363,3 +363,33 @@ def test_client_run_returns_final_and_raises_on_rejection(null_daemon):
         slow = c.run("null", {"steps": 25, "delay_ms": 100, "text": "still here"})
         assert time.monotonic() - t0 > 2.0
         assert slow["event"] == "result" and slow["result"] == "still here"
+
+
+def test_monitor_pushes_status_with_live_jobs_until_its_client_goes_quiet(null_daemon):
+    with null_daemon.client() as c:
+        with pytest.raises(Rejected) as exc:
+            c.monitor(interval_ms=5).next(timeout=5)
+        assert exc.value.code == "bad_request" and "interval_ms" in exc.value.message
+        mon = c.monitor(interval_ms=200, jobs=5)
+        first = mon.next(timeout=5)
+        assert first["event"] == "status" and "null" in first["domains"]
+        assert first["domains"]["null"]["workers"][0]["pid"] > 0
+        job = c.submit("null", {"steps": 50, "delay_ms": 40})  # about 2 s
+        t0, seen, states = time.monotonic(), [], []
+        while time.monotonic() - t0 < 10 and "completed" not in states:
+            snap = mon.next(timeout=5)
+            seen.append(time.monotonic() - t0)
+            listed = {j["task_id"]: j for j in snap["jobs"]}
+            if job.task_id in listed:
+                states.append(listed[job.task_id]["status"])
+        assert "running" in states and states[-1] == "completed", states
+        # pushed at the interval, not faster (one snapshot per 200 ms tick or so)
+        gaps = [b - a for a, b in zip(seen, seen[1:])]
+        assert gaps and min(gaps) > 0.1, gaps
+        job.wait()
+        mon.close()
+        # a monitor nobody keeps alive is forgotten: the daemon stops pushing to it
+        time.sleep(3.0)
+        c.status()  # drains what was pushed before the silence limit
+        c._inbox.pop(mon.rid, None)
+        assert c.recv(mon.rid, timeout=1.0) is None

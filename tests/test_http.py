@@ -200,9 +200,10 @@ def test_openai_package_chat_speech_images(gw):
         assert w.getnframes() > 1000
     img = client.images.generate(prompt="a cat", size="64x64", response_format="b64_json")
     assert base64.b64decode(img.data[0].b64_json)[:4] == b"\x89PNG"
-    with pytest.raises(openai.BadRequestError) as exc:
+    with pytest.raises(openai.NotFoundError) as exc:  # OpenAI's answer to an unknown model
         client.chat.completions.create(model="gpt-9", messages=[{"role": "user",
                                                                  "content": "hi"}])
+    assert exc.value.status_code == 404 and exc.value.code == "model_not_found"
     assert "smollm2" in str(exc.value)
 
 

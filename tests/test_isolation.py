@@ -64,7 +64,7 @@ priority = "batch"
     from resisod import config, isolation
     cfg = config.build({})
     layout = isolation.auto_layout(cfg["domains"], [0, 1])
-    assert layout == {"llm": [0], "tts": [1], "image": [1]}
+    assert layout == {"llm": [0], "tts": [1], "tts-zh": [1], "image": [1]}
     assert isolation.daemon_cpus(layout, cfg["domains"], [0, 1]) == [1]
     assert d.status()["domains"]["image"]["workers"][0]["sched"] == "idle"
 
@@ -231,12 +231,12 @@ def test_which_domains_share_a_device():
 def test_preemption_plan_from_devices():
     from resisod import config
     cfg = config.build({})
-    layout = {"llm": [0], "tts": [1], "image": [1]}
-    # CPU only: the image domain shares cores (and caches) with both realtime domains
+    layout = {"llm": [0], "tts": [1], "tts-zh": [1], "image": [1]}
+    # CPU only: the image domain shares cores (and caches) with every realtime domain
     assert preemption.plan(cfg["domains"], layout, gpus=0, across_cores=True) == \
-        {"image": ["llm", "tts"]}
+        {"image": ["llm", "tts", "tts-zh"]}
     # one GPU: the image yields to the LLM on that GPU, not to CPU speech
     assert preemption.plan(cfg["domains"], layout, gpus=1, across_cores=True) == \
         {"image": ["llm"]}
     assert preemption.plan(cfg["domains"], layout, gpus=0, across_cores=False) == \
-        {"image": ["tts"]}
+        {"image": ["tts", "tts-zh"]}

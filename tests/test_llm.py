@@ -102,7 +102,7 @@ def test_cancel_mid_stream_and_next_job_runs(llm_daemon):
     ({"prompt": "hi", "max_tokens": 100000}, "bad_request", "max_tokens"),
     ({"prompt": 5}, "bad_request", "prompt"),
     ({"prompt": "hi", "temperature": "hot"}, "bad_request", "temperature"),
-    ({"prompt": "hi", "model": "gpt-9"}, "bad_request", "smollm2"),
+    ({"prompt": "hi", "model": "gpt-9"}, "model_not_found", "smollm2"),
 ])
 def test_bad_input_rejected(llm_daemon, params, code, needle):
     with llm_daemon.client() as c:

@@ -96,6 +96,12 @@ class Engine:
     def load(self) -> None:
         """Load the model; raise EngineUnavailable with a reason the user can act on."""
 
+    def warm_up(self) -> dict[str, float] | None:
+        """Run once after `load`, before the first job: a small job that pays the first-run
+        costs (kernel selection, caches) and measures what the daemon's first estimates need,
+        e.g. {"step_ms": ...} per step at the domain's default size. None: nothing measured."""
+        return None
+
     def run(self, params: dict[str, Any], job: JobControl) -> dict[str, Any]:
         raise NotImplementedError
 

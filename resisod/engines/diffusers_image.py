@@ -44,6 +44,31 @@ class DiffusersEngine(Engine):
         self.pipe.set_progress_bar_config(disable=True)
         self.torch = torch
 
+    def warm_up(self) -> dict[str, float]:
+        """Two steps at the default size: the first pays for allocations and kernel choice,
+        the second is timed as the domain's step estimate (UNet and scheduler; the VAE decode
+        is shared over the steps as it is in `Domain.learn`)."""
+        torch, marks = self.torch, []
+
+        def on_step(pipe: Any, i: int, timestep: Any, kwargs: dict) -> dict:
+            if self.device == "cuda":
+                torch.cuda.synchronize()
+            marks.append(time.perf_counter())
+            return kwargs
+
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            self.pipe(prompt="warm-up", width=self.domain["default_width"],
+                      height=self.domain["default_height"], num_inference_steps=2,
+                      guidance_scale=0.0, generator=torch.Generator(device="cpu").manual_seed(0),
+                      callback_on_step_end=on_step, output_type="pil")
+            total = time.perf_counter() - t0
+        step = marks[1] - marks[0] if len(marks) == 2 else total / 2
+        # a step plus its share of the fixed costs (text encoder, VAE decode) over a
+        # default-length job: what a finished job's duration per step will be
+        fixed = max(0.0, total - 2 * step)
+        return {"step_ms": round((step + fixed / self.domain["default_steps"]) * 1000, 3)}
+
     def unload(self) -> None:
         del self.pipe
         if self.device == "cuda":

@@ -9,9 +9,12 @@ from typing import Any, Iterator
 
 from ..protocol import Code
 from .base import EngineUnavailable, JobControl, JobError
+from ..voices import language_of_name
 from .speech import SpeechEngine, split_sentences
 
 BASE_WPM = 175
+# espeak-ng's voice for each language the router knows by name
+ESPEAK_VOICE = {"zh": "cmn", "yue": "yue", "en": "en-us", "ja": "ja", "ko": "ko"}
 
 
 class EspeakEngine(SpeechEngine):
@@ -25,11 +28,17 @@ class EspeakEngine(SpeechEngine):
         self.voices = {line.split()[1] for line in out.splitlines()[1:] if line.split()}
         self.voices |= {line.split()[3] for line in out.splitlines()[1:]
                         if len(line.split()) > 3}
-        self.default = self.domain["voice"] or (self.domain["model"] or "en-us")
+        self.default = self.resolve(self.domain["voice"] or self.domain["model"] or "en-us")
         self.sample_rate = 22050
 
+    def resolve(self, voice: str) -> str:
+        """espeak-ng's name for a voice given as a locale or language (`zh-CN` -> cmn)."""
+        if voice in self.voices:
+            return voice
+        return ESPEAK_VOICE.get(language_of_name(voice) or "", voice)
+
     def voice_id(self, params: dict[str, Any]) -> str:
-        voice = params["voice"] or self.default
+        voice = self.resolve(params["voice"]) if params["voice"] else self.default
         if voice not in self.voices and voice != self.default:
             raise JobError(Code.BAD_REQUEST, f"unknown voice {voice!r}; see `espeak-ng "
                            f"--voices` for the {len(self.voices)} installed")

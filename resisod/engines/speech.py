@@ -8,18 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import time
 import wave
 from typing import Any, Iterator
 
+from ..voices import split_sentences
 from .base import Engine, JobControl
 
-_SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+|\n+")
-
-
-def split_sentences(text: str) -> list[str]:
-    return [s.strip() for s in _SENTENCE_END.split(text) if s.strip()]
+__all__ = ["SpeechEngine", "SpeechCache", "split_sentences", "read_wav", "write_wav"]
 
 
 def write_wav(path: str, pcm: bytes, rate: int) -> None:
@@ -89,6 +85,10 @@ class SpeechEngine(Engine):
         """The voice a request names, checked; raise JobError(bad_request) if unknown."""
         return params["voice"]
 
+    def voice_name(self, voice: str) -> str:
+        """The name of the voice that spoke, for the result ("" is the domain's default)."""
+        return voice or self.domain["voice"] or self.domain["model"].removeprefix("builtin:")
+
     def sentences(self, text: str, voice: str, speed: float,
                   job: JobControl) -> Iterator[bytes]:
         """16-bit mono PCM at `sample_rate`, one chunk per sentence."""
@@ -107,6 +107,7 @@ class SpeechEngine(Engine):
             pcm, rate = read_wav(hit)
             job.emit("audio", pcm=pcm, sample_rate=rate, index=0)
             write_wav(out, pcm, rate)
+            n_chunks = 1
         else:
             chunks = []
             rate = self.sample_rate
@@ -115,11 +116,13 @@ class SpeechEngine(Engine):
                 chunks.append(pcm)
                 job.emit("audio", pcm=pcm, sample_rate=rate, index=i)
             pcm = b"".join(chunks)
+            n_chunks = len(chunks)
             write_wav(out, pcm, rate)
             cache.put(key, pcm, rate)
         return {
             "audio_path": out, "duration_ms": round(len(pcm) / 2 / rate * 1000, 1),
             "size_bytes": os.path.getsize(out), "sample_rate": rate,
             "generation_time_ms": round((time.perf_counter() - t0) * 1000, 2),
-            "cached": hit is not None,
+            "cached": hit is not None, "voice": self.voice_name(voice),
+            "chunks": n_chunks,
         }

@@ -50,8 +50,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from .app import create_app
     app = create_app(socket_path, http)
+    # the console's live feed never ends by itself: an open tab must not hold up a stop
     uvicorn.run(app, host=host.strip("[]") or "127.0.0.1", port=int(port), log_level="warning",
-                limit_concurrency=cfg["daemon"]["max_clients"], timeout_keep_alive=5)
+                limit_concurrency=cfg["daemon"]["max_clients"], timeout_keep_alive=5,
+                timeout_graceful_shutdown=3)
     return 0
 
 

@@ -120,6 +120,22 @@ class AsyncDaemon:
             self.alive_s = min(self.alive_s, first.get("alive_ms", 500) / 1000.0)
         return AsyncJob(self, rid, q, first)
 
+    async def monitor(self, interval_ms: int, *, jobs: int = 0) -> AsyncIterator[dict[str, Any]]:
+        """The daemon's `status` snapshots every `interval_ms` (with up to `jobs` live and
+        recent jobs), for as long as this iterator is used: its rid is told alive with the
+        streams'. A refusal raises DaemonError."""
+        rid, q = await self._send(Op.MONITOR, interval_ms=interval_ms, jobs=jobs)
+        self.streaming.add(rid)
+        try:
+            while True:
+                ev = await self._next(rid, q, None)
+                if ev.get("event") == Event.ERROR:
+                    raise DaemonError(ev)
+                yield ev
+        finally:
+            self.queues.pop(rid, None)
+            self.streaming.discard(rid)
+
 
 class AsyncJob:
     def __init__(self, d: AsyncDaemon, rid: int, q: asyncio.Queue, accepted: dict[str, Any]):

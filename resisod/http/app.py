@@ -19,12 +19,14 @@ from pydantic import BaseModel, Field
 from typing import Annotated
 
 from ..protocol import Code, Op
+from . import console
 from .aclient import AsyncDaemon, DaemonError, Unreachable
 from .metrics import GatewayMetrics
 
 STATUS_HTTP = {Code.BAD_REQUEST: 400, Code.CONTEXT_OVERFLOW: 400, Code.TOO_LARGE: 413,
-               Code.NOT_FOUND: 404, Code.QUEUE_FULL: 429, Code.ENGINE_UNAVAILABLE: 503,
-               Code.SHUTTING_DOWN: 503, Code.TIMEOUT: 504, Code.STORAGE_FULL: 507}
+               Code.NOT_FOUND: 404, Code.MODEL_NOT_FOUND: 404, Code.QUEUE_FULL: 429,
+               Code.ENGINE_UNAVAILABLE: 503, Code.SHUTTING_DOWN: 503, Code.TIMEOUT: 504,
+               Code.STORAGE_FULL: 507}
 SEED_STATUS = {"running": "processing"}  # the seed API calls a running job "processing"
 
 
@@ -170,7 +172,7 @@ def create_app(socket_path: str, http_cfg: dict[str, Any]) -> FastAPI:
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Response:
         t0 = time.perf_counter()
-        if api_key and request.url.path != "/api/health":
+        if api_key and request.url.path != "/api/health" and not console.public(request.url.path):
             given = request.headers.get("authorization", "").encode()
             if not hmac.compare_digest(given, f"Bearer {api_key}".encode()):
                 return _error(request, 401, "unauthorized", "missing or wrong bearer token")
@@ -240,16 +242,18 @@ def create_app(socket_path: str, http_cfg: dict[str, Any]) -> FastAPI:
                     "status": final.get("status"), **_clean(final)}
 
         async def sse() -> Any:
+            # text goes out as UTF-8 rather than \u escapes, as OpenAI's streams do; the
+            # response declares it (Starlette adds charset=utf-8 to text/event-stream)
             try:
                 async for ev in job.events():
                     if ev["event"] == "token":
-                        yield f"data: {json.dumps({'task_id': job.task_id, 'token': ev['text']})}\n\n"
+                        yield f"data: {json.dumps({'task_id': job.task_id, 'token': ev['text']}, ensure_ascii=False)}\n\n"
                     elif ev["event"] == "result":
                         metrics.job("llm", ev)
-                        yield f"data: {json.dumps({**_clean(ev), 'done': True})}\n\n"
+                        yield f"data: {json.dumps({**_clean(ev), 'done': True}, ensure_ascii=False)}\n\n"
                     elif ev["event"] in ("error", "cancelled"):
                         metrics.job("llm", ev)
-                        yield f"data: {json.dumps({'task_id': job.task_id, 'done': True, 'status': 'failed', 'error': {'code': ev.get('code', ev['event']), 'message': ev.get('message', '')}})}\n\n"
+                        yield f"data: {json.dumps({'task_id': job.task_id, 'done': True, 'status': 'failed', 'error': {'code': ev.get('code', ev['event']), 'message': ev.get('message', '')}}, ensure_ascii=False)}\n\n"
             finally:
                 if job.final is None:  # the HTTP client went away mid-stream
                     await job.cancel()
@@ -264,7 +268,8 @@ def create_app(socket_path: str, http_cfg: dict[str, Any]) -> FastAPI:
                 "status": final.get("status"), "duration_ms": final.get("duration_ms"),
                 "size_bytes": final.get("size_bytes"),
                 "generation_time_ms": final.get("generation_time_ms"),
-                "cached": final.get("cached")}
+                "cached": final.get("cached"), "domain": final.get("domain"),
+                "voice": final.get("voice")}
 
     async def result_file(task_id: str, media: str) -> Response:
         rec = await daemon.call(Op.GET, task_id=task_id, data=True)
@@ -340,6 +345,12 @@ def create_app(socket_path: str, http_cfg: dict[str, Any]) -> FastAPI:
         st = await daemon.call(Op.STATUS)
         data = [{"id": m, "object": "model", "created": 0, "owned_by": f"resiso:{n}"}
                 for n, d in st["domains"].items() for m in d.get("models", [d["model"]])]
+        # the names of other APIs that resiso answers to, with what serves them
+        kinds = {d["kind"] for d in st["domains"].values()}
+        for alias, target in st.get("aliases", {}).get("models", {}).items():
+            if target in st["domains"] or target in kinds:
+                data.append({"id": alias, "object": "model", "created": 0,
+                             "owned_by": f"resiso:{target}", "alias_of": target})
         return {"object": "list", "data": data}
 
     @app.post("/v1/chat/completions")
@@ -366,9 +377,11 @@ def create_app(socket_path: str, http_cfg: dict[str, Any]) -> FastAPI:
             return "data: " + json.dumps({
                 "id": cid, "object": "chat.completion.chunk", "created": created,
                 "model": body.model, "choices": [{"index": 0, "delta": delta,
-                                                  "finish_reason": finish}]}) + "\n\n"
+                                                  "finish_reason": finish}]},
+                ensure_ascii=False) + "\n\n"
 
         async def sse() -> Any:
+            # UTF-8 on the wire, as in the seed stream above
             try:
                 yield chunk({"role": "assistant", "content": ""})
                 async for ev in job.events():
@@ -381,7 +394,8 @@ def create_app(socket_path: str, http_cfg: dict[str, Any]) -> FastAPI:
                         metrics.job("llm", ev)
                         yield "data: " + json.dumps({"error": {
                             "message": ev.get("message", "cancelled"), "type": "server_error",
-                            "param": None, "code": ev.get("code", "cancelled")}}) + "\n\n"
+                            "param": None, "code": ev.get("code", "cancelled")}},
+                            ensure_ascii=False) + "\n\n"
                 yield "data: [DONE]\n\n"
             finally:
                 if job.final is None:
@@ -394,13 +408,14 @@ def create_app(socket_path: str, http_cfg: dict[str, Any]) -> FastAPI:
             raise ApiError(400, Code.BAD_REQUEST, f"response_format {body.response_format!r} "
                            f"is not supported; resiso produces 'wav'")
         job = await daemon.submit("tts", _drop_none({"text": body.input, "voice": body.voice,
-                                                     "speed": body.speed}), partials=False)
+                                                     "speed": body.speed, "model": body.model}),
+                                  partials=False)
         await finish("tts", job)
         return await result_file(job.task_id, "audio/wav")
 
     @app.post("/v1/images/generations")
     async def images(body: ImageGeneration) -> Any:
-        params: dict[str, Any] = {"prompt": body.prompt}
+        params: dict[str, Any] = _drop_none({"prompt": body.prompt, "model": body.model})
         if body.size:
             try:
                 w, h = (int(x) for x in body.size.lower().split("x"))
@@ -429,4 +444,5 @@ def create_app(socket_path: str, http_cfg: dict[str, Any]) -> FastAPI:
         body, ctype = metrics.render(st)
         return Response(body, media_type=ctype)
 
+    app.include_router(console.router(daemon))  # the web console at /ui
     return app
