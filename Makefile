@@ -18,6 +18,7 @@ bench: setup
 	.venv/bin/python bench/llm.py
 	.venv/bin/python bench/tts.py
 	.venv/bin/python bench/isolation.py
+	.venv/bin/python bench/cli_latency.py
 
 soak: setup
 	.venv/bin/python bench/soak.py --minutes 30

@@ -5,7 +5,7 @@ from typing import Optional
 
 import typer
 
-from . import __version__, generate, jobcmds
+from . import __version__, deferred_coercion, generate, jobcmds, output, top
 
 app = typer.Typer(
     name="resiso", no_args_is_help=True, add_completion=True, rich_markup_mode=None,
@@ -36,6 +36,7 @@ app.command()(jobcmds.watch)
 app.command()(jobcmds.wait)
 app.command()(jobcmds.cancel)
 app.command()(jobcmds.get)
+app.command()(top.top)
 
 
 @app.command("serve-http", context_settings={"allow_extra_args": True,
@@ -50,4 +51,6 @@ def serve_http(ctx: typer.Context) -> None:
 
 
 def main() -> None:
+    output.utf8_text()
+    deferred_coercion.install()
     app()

@@ -219,6 +219,37 @@ class Client:
         rid = self.send(Op.WATCH, task_id=task_id)
         return JobStream(self, rid)
 
+    def monitor(self, interval_ms: int = 1000, *, jobs: int = 0) -> "Monitor":
+        """A live view: iterate it for a status snapshot (with up to `jobs` live and recent
+        jobs) every `interval_ms`; it lasts while it is iterated (or the client waits)."""
+        return Monitor(self, self.send(Op.MONITOR, interval_ms=interval_ms, jobs=jobs))
+
+
+class Monitor:
+    """The `status` events of one `monitor` request; an error event raises `Rejected`."""
+
+    def __init__(self, client: Client, rid: int):
+        self.client, self.rid = client, rid
+        self.alive_s = 0.5
+        client._streams[rid] = self  # kept alive by every wait of the client
+
+    def next(self, timeout: float | None = None) -> dict[str, Any] | None:
+        """The next snapshot, or None after `timeout` seconds without one."""
+        ev = self.client.recv(self.rid, timeout)
+        if ev is not None and ev.get("event") == Event.ERROR:
+            self.client._streams.pop(self.rid, None)
+            raise Rejected(ev)
+        return ev
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while True:
+            ev = self.next(None)
+            if ev is not None:
+                yield ev
+
+    def close(self) -> None:
+        self.client._streams.pop(self.rid, None)  # the daemon forgets it after a silence
+
 
 class JobStream:
     """Events of one job, ending with its final event (kept in `final`).

@@ -1,18 +1,17 @@
 """`resiso llm`, `resiso tts`, `resiso image`, `resiso submit`: submit work and stream it."""
 from __future__ import annotations
 
-import io
 import os
 import sys
-import wave
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
 from . import output
-from .client import Client, JobStream
-from .progress import StepProgress
 from .session import connected
+
+if TYPE_CHECKING:  # imported where a command connects: `resiso --help` needs neither
+    from .client import Client, JobStream
 
 
 def _read_arg(value: str) -> str:
@@ -117,6 +116,8 @@ def tts(
 
 
 def _wav_bytes(pcm: bytes, rate: int) -> bytes:
+    import io
+    import wave
     buf = io.BytesIO()
     with wave.open(buf, "wb") as w:
         w.setnchannels(1)
@@ -168,6 +169,7 @@ def image(
 
 def follow_image(client: Client, stream: JobStream, out: Optional[str], show_bar: bool,
                  as_json: bool, save: bool = True) -> int:
+    from .progress import StepProgress
     try:
         if show_bar:
             with StepProgress(stream.task_id or "image") as bar:

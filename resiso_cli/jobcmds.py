@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from . import output
 from .generate import follow_image, save_result
 from .session import connected
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def status(as_json: bool = typer.Option(False, "--json")) -> None:
@@ -22,9 +23,9 @@ def status(as_json: bool = typer.Option(False, "--json")) -> None:
     if as_json:
         output.print_json(body)
         return
-    console = _console()
-    console.print(f"resisod {st['version']} pid {st['pid']} up {st['uptime_s']:.0f}s "
-                  f"socket {st['socket']}")
+    from .columns import Table
+    print(f"resisod {st['version']} pid {st['pid']} up {st['uptime_s']:.0f}s "
+          f"socket {st['socket']}\n")
     table = Table("domain", "kind", "engine", "state", "queue r/n/b", "running", "done",
                   "failed", "p50 ms", "p95 ms", "preempt")
     for name, d in st["domains"].items():
@@ -34,10 +35,10 @@ def status(as_json: bool = typer.Option(False, "--json")) -> None:
                       f"{q['realtime']}/{q['normal']}/{q['batch']}", str(d["running"]),
                       str(d["completed"]), str(d["failed"]), _ms(d["p50_ms"]), _ms(d["p95_ms"]),
                       str(d["preemptions"]))
-    console.print(table)
+    print(table)
     for name, d in st["domains"].items():
         if d["reason"]:
-            console.print(f"domain {name} {d['state']}: {d['reason']}", soft_wrap=True)
+            print(f"domain {name} {d['state']}: {d['reason']}")
     workers = Table("worker", "pid", "state", "cpus", "threads", "sched", "device", "rss MB",
                     "job", "restarts", "last error")
     for d in st["domains"].values():
@@ -46,16 +47,28 @@ def status(as_json: bool = typer.Option(False, "--json")) -> None:
                             ",".join(map(str, w["cpus"])) or "all", str(w["threads"]),
                             w["sched"], w["device"], _ms(w["rss_mb"]), w["job"] or "-",
                             str(w["restarts"]), w["last_error"] or "")
-    console.print(workers)
+    print()
+    print(workers)
+    print()
+    for kind, engines in (st.get("engines") or {}).items():
+        if engines:
+            print(f"engines {kind}: " + ", ".join(
+                f"{name} ({_origin(e)})" for name, e in engines.items()))
     if st.get("gpus"):
         for g in st["gpus"]:
-            console.print(f"GPU {g['index']} {g['name']}: {g['used_mb']:.0f}/"
-                          f"{g['total_mb']:.0f} MB")
+            print(f"GPU {g['index']} {g['name']}: {g['used_mb']:.0f}/{g['total_mb']:.0f} MB")
 
 
 def _console() -> Console:
+    from rich.console import Console
     # piped output keeps whole columns instead of the 80-column default
     return Console() if sys.stdout.isatty() else Console(width=220)
+
+
+def _origin(engine: dict[str, Any]) -> str:
+    if engine["source"] == "built-in":
+        return "built-in"
+    return f"plugin {engine['distribution']} {engine['version']}"
 
 
 def _ms(v: Optional[float]) -> str:
@@ -71,6 +84,7 @@ def jobs(limit: int = typer.Option(20, "--limit", "-n"),
     if as_json:
         output.print_json({"jobs": rows})
         return
+    from rich.table import Table
     table = Table("task_id", "domain", "status", "created", "time ms", "error")
     import time
     for j in rows:

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from . import output
-from .client import Client, DaemonUnreachable, Rejected
+
+if TYPE_CHECKING:
+    from .client import Client
 
 
 @contextlib.contextmanager
 def connected(as_json: bool = False) -> Iterator[Client]:
+    from .client import Client, DaemonUnreachable, Rejected
     try:
         with Client() as client:
             yield client

@@ -199,8 +199,14 @@ def _own_voices(cfg: dict[str, Any]) -> set[str]:
 
 
 def served_voices(cfg: dict[str, Any]) -> list[str]:
-    """What `voice` may name to reach this domain (shown in `status`)."""
-    return sorted(_own_voices(cfg) | set(cfg["voices"]))
+    """What `voice` may name to reach this domain (shown in `status` and offered by the
+    console), as people write them: the voice, the voice file's name, the domain's language,
+    then the names in `voices`."""
+    names = [cfg["voice"], *(n for n in served_names(cfg) if ":" not in n and "/" not in n)]
+    lang = speech_language(cfg)
+    if lang:
+        names.append(lang)
+    return [n for n in dict.fromkeys([*names, *cfg["voices"]]) if n]
 
 
 def _not_found(kind: str, model: str, candidates: list[Domain],

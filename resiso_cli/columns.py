@@ -1,0 +1,40 @@
+"""Plain aligned columns for one-shot commands.
+
+`resiso status` must answer at once, and Rich's console and tables (import and drawing)
+would cost it as much as the interpreter and Typer together. Plain columns also pipe and
+grep as whole lines.
+"""
+from __future__ import annotations
+
+import unicodedata
+
+GAP = "  "
+
+
+def width(text: str) -> int:
+    """Terminal cells: East Asian wide characters (a Chinese error message) take two."""
+    if text.isascii():
+        return len(text)
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+
+
+class Table:
+    """Headers and rows of strings, left-aligned; the last column is not padded."""
+
+    def __init__(self, *headers: str):
+        self.headers = list(headers)
+        self.rows: list[list[str]] = []
+
+    def add_row(self, *cells: str) -> None:
+        if len(cells) != len(self.headers):
+            raise ValueError(f"{len(cells)} cells for {len(self.headers)} columns")
+        self.rows.append([" ".join(str(c).split("\n")) for c in cells])
+
+    def __str__(self) -> str:
+        lines = [self.headers, *self.rows]
+        widths = [max(width(line[i]) for line in lines) for i in range(len(self.headers))]
+        out = []
+        for line in lines:
+            cells = [c + " " * (w - width(c)) for c, w in zip(line[:-1], widths)]
+            out.append(GAP.join([*cells, line[-1]]).rstrip())
+        return "\n".join(out)
