@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import zmq
 
-from . import __version__, expiry, logsetup, status
+from . import __version__, estimates, expiry, logsetup, status
 from .client_ops import ClientOps
 from .loop_health import LoopWatch
 from .monitors import Monitors
@@ -66,6 +66,7 @@ class Broker:
         self.started = sched.wall()
         self.next_tick = self.next_positions = self.next_heartbeat = 0.0
         self.next_watchdog = 0.0
+        self.next_estimates_save = sched.clock() + estimates.SAVE_EVERY_S
         self.expiry = expiry.Expiry(store, sched.jobs, state_dir=self.state_dir,
                                     ttl_hours=cfg["daemon"]["result_ttl_hours"])
         self.ctx = zmq.Context()
@@ -83,10 +84,11 @@ class Broker:
         self.link = WorkerLink(self.workers, supervisor, sched, self.subs)
         self.ops = ClientOps(
             sched, self.subs, self.outbox, store, apply=self.apply,
-            status=lambda: status.snapshot(sched, socket_path=self.socket_path,
-                                           state_dir=self.state_dir, started=self.started,
-                                           gpus=gpus, loop=self.loop.report(),
-                                           aliases=cfg["aliases"]),
+            status=lambda: {**status.snapshot(sched, socket_path=self.socket_path,
+                                              state_dir=self.state_dir, started=self.started,
+                                              gpus=gpus, loop=self.loop.report(),
+                                              aliases=cfg["aliases"]),
+                            "monitors": len(self.monitors.open)},
             max_request_bytes=cfg["daemon"]["max_request_bytes"],
             alive_ms=round(self.hb * 1000), aliases=cfg["aliases"], monitors=self.monitors)
 
@@ -231,6 +233,9 @@ class Broker:
         if self.gateway is not None:
             self.gateway.check(stopping=self.sched.stopping)
         self.expiry.tick(now)
+        if now >= self.next_estimates_save:
+            estimates.save(self.state_dir, self.sched.domains)
+            self.next_estimates_save = now + estimates.SAVE_EVERY_S
         if self.notifier.watchdog_s and now >= self.next_watchdog:
             self.notifier.watchdog()
             self.next_watchdog = now + self.notifier.watchdog_s
@@ -278,6 +283,7 @@ class Broker:
 
     def close(self) -> None:
         self.subs.shutting_down(list(self.sched.jobs.live))
+        estimates.save(self.state_dir, self.sched.domains)
         self.link.shutdown()
         self.commit()
         self.store.close()

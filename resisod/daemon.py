@@ -11,7 +11,7 @@ import logging
 import os
 from typing import Any
 
-from . import devices, isolation, preemption
+from . import devices, estimates, isolation, preemption
 from .broker import Broker
 from .paths import SocketClaim
 from .recovery import recover
@@ -47,6 +47,7 @@ def open_daemon(cfg: dict[str, Any]) -> Broker:
     sched = Scheduler(cfg, supervisor.slots, yields_to=yields_to)
     store = JobStore(os.path.join(state_dir, "jobs.db"))
     recover(store, sched)
+    estimates.load(state_dir, sched.domains)
     cpus = isolation.available_cpus()
     mine = isolation.daemon_cpus(supervisor.layout, cfg["domains"], cpus)
     if mine != cpus and res["isolation"]:

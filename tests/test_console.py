@@ -6,7 +6,6 @@ four panels go to a temporary directory (its path is printed), or to $RESISO_SCR
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -18,7 +17,6 @@ import pytest
 
 httpx = pytest.importorskip("httpx")
 
-from resisod.http.feed import Feed  # noqa: E402
 
 from .conftest import wait_for  # noqa: E402
 
@@ -156,52 +154,6 @@ def no_error_visible(drv, sel: str) -> None:
     assert not el.is_displayed(), el.text
 
 
-# --- the feed's fan-out, without a browser ------------------------------------------------
-
-class FakeDaemon:
-    def __init__(self):
-        self.opened = self.closed = 0
-
-    async def monitor(self, interval_ms, *, jobs=0):
-        self.opened += 1
-        try:
-            n = 0
-            while True:
-                n += 1
-                yield {"v": 1, "event": "status", "rid": 1, "n": n,
-                       "domains": {"a": {"kind": "null", "duration_hist": {}}}}
-                await asyncio.sleep(interval_ms / 1000)
-        finally:
-            self.closed += 1
-
-
-def test_feed_holds_one_monitor_for_all_subscribers():
-    async def main():
-        fake = FakeDaemon()
-        feed = Feed(fake, interval_ms=10)
-        tabs = [feed.subscribe() for _ in range(5)]
-        snaps = [await asyncio.wait_for(q.get(), 2) for q in tabs]
-        assert fake.opened == 1  # five tabs, one monitor
-        assert all(s["type"] == "status" and "duration_hist" not in s["domains"]["a"]
-                   for s in snaps)
-        await asyncio.sleep(0.1)  # nobody reads: each queue keeps only the newest snapshot
-        assert all(q.qsize() == 1 for q in tabs)
-        newest = [q.get_nowait()["n"] for q in tabs]
-        assert len(set(newest)) == 1 and newest[0] > snaps[0]["n"]
-        for q in tabs[:-1]:
-            feed.unsubscribe(q)
-        await asyncio.sleep(0.05)
-        assert fake.closed == 0 and (await asyncio.wait_for(tabs[-1].get(), 2))["viewers"] == 1
-        feed.unsubscribe(tabs[-1])  # the last tab leaves: the monitor stops
-        await asyncio.sleep(0.05)
-        assert fake.closed == 1 and feed.task is None
-        late = feed.subscribe()
-        assert (await asyncio.wait_for(late.get(), 2))["n"] == 1 and fake.opened == 2
-        feed.unsubscribe(late)
-        await asyncio.sleep(0.05)
-    asyncio.run(main())
-
-
 # --- the gateway's console routes ---------------------------------------------------------
 
 def read_feed(lines, want, timeout: float = 30.0) -> dict:
@@ -235,7 +187,10 @@ def test_console_routes_and_shared_feed(gw):
             b = rb.iter_lines()
             read_feed(b, lambda m: m.get("viewers") == 2)
             read_feed(a, lambda m: m.get("viewers") == 2)
+            assert gw.status()["monitors"] == 1  # two tabs, one monitor in the daemon
         read_feed(a, lambda m: m.get("viewers") == 1)
+    # the last tab gone, the gateway stops saying alive and the daemon forgets the monitor
+    wait_for(lambda: gw.status()["monitors"] == 0, 15, 0.2, "the monitor closed")
     # a job with its parameters, and a readable 404
     job = httpx.post(gw.base + "/api/image/generate", timeout=30,
                      json={"prompt": "a red square", "steps": 2}).json()

@@ -3,6 +3,7 @@ fuzzed frames, sd_notify. Figures for the closing note are printed (pytest -s sh
 from __future__ import annotations
 
 import collections
+import json
 import os
 import signal
 import socket
@@ -264,3 +265,20 @@ def test_sd_notify_ready_watchdog_stopping(make_daemon, tmp_path):
         assert d.proc.wait(30) == 0
     finally:
         sock.close()
+
+
+def test_run_time_estimates_survive_a_restart(make_daemon):
+    d = make_daemon(DURABLE.format(ttl=24))
+    with d.client() as c:
+        c.run("null", {"steps": 10, "delay_ms": 20})
+        # a fresh daemon answers with a measured estimate; this one has history
+        assert c.submit("null", {"steps": 10, "delay_ms": 20}).accepted[
+            "estimated_time_ms"] > 0
+    d.stop()
+    saved = json.load(open(os.path.join(d.state_dir, "estimates.json")))
+    assert saved["null"]["step_ms"] > 10 and saved["null"]["key"] == "null:null:"
+    # started again, and asked before any worker is ready: the estimate is not 0
+    d.start(wait_ready=False)
+    with d.client() as c:
+        accepted = c.submit("null", {"steps": 10, "delay_ms": 20}).accepted
+        assert accepted["estimated_time_ms"] >= 100, accepted
