@@ -65,10 +65,28 @@ def probe() -> list[dict[str, Any]]:
             mem = pynvml.nvmlDeviceGetMemoryInfo(h)
             name = pynvml.nvmlDeviceGetName(h)
             out.append({"index": i, "name": name.decode() if isinstance(name, bytes) else name,
-                        "used_mb": mem.used / 2**20, "total_mb": mem.total / 2**20})
+                        "used_mb": mem.used / 2**20, "total_mb": mem.total / 2**20,
+                        "processes": _process_memory(pynvml, h)})
     except Exception:
         pass
     return out
+
+
+def _process_memory(pynvml: Any, handle: Any) -> dict[int, float]:
+    """MB of this GPU's memory held by each process (what `status` shows per worker). The
+    driver may withhold it (no permission, MIG): then nothing."""
+    try:
+        procs = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+    except Exception:
+        return {}
+    return {p.pid: p.usedGpuMemory / 2**20 for p in procs
+            if getattr(p, "usedGpuMemory", None) is not None}
+
+
+def vram_mb(gpus: list[dict[str, Any]], pid: int | None) -> float | None:
+    """GPU memory a process holds over all GPUs; None where NVML reports nothing for it."""
+    used = [g["processes"][pid] for g in gpus if pid in g.get("processes", {})]
+    return round(sum(used), 1) if used else None
 
 
 def place_torch(torch: Any, device: str, threads: int, share: float,

@@ -63,6 +63,20 @@ class Domain:
     unavailable_reason: str = ""         # set while no worker of the domain can load its engine
     unavailable_since: float = 0.0       # monotonic; its queued jobs fail after the hold
     paused: bool = False                 # preempted by realtime work on a shared device
+    paused_s: float = 0.0                # time its running jobs spent paused for realtime work
+    co_running_s: float = 0.0            # time its jobs ran beside busy realtime work (turns)
+    accounted_at: float | None = None
+
+    def account(self, now: float, realtime_busy: bool) -> None:
+        """Add the time since the last call to paused or co-running time (batch domains that
+        yield, once per tick)."""
+        if self.accounted_at is not None and self.running:
+            dt = now - self.accounted_at
+            if self.paused:
+                self.paused_s += dt
+            elif realtime_busy:
+                self.co_running_s += dt
+        self.accounted_at = now
 
     @property
     def kind(self) -> str:
@@ -155,6 +169,7 @@ class Domain:
             "queue": self.queue.depth_by_class(), "queued": len(self.queue),
             "running": len(self.running), "completed": self.completed, "failed": self.failed,
             "cancelled": self.cancelled, "preemptions": self.preemptions,
+            "paused_s": round(self.paused_s, 2), "co_running_s": round(self.co_running_s, 2),
             "cache_hits": self.cache_hits, "duration_hist": self.duration_hist.export(),
             "ttft_hist": self.ttft_hist.export(),
             "p50_ms": _percentile(lat, 0.5), "p95_ms": _percentile(lat, 0.95),

@@ -203,6 +203,7 @@ class Scheduler:
         for name, rts in self.yields_to.items():
             batch, turn = self.domains[name], self.turns[name]
             busy = any(r.running or len(r.queue) for r in rts)
+            batch.account(now, busy)
             paused = preemption.want_paused(now, busy, turn, self.floor)
             if not preemption.apply(turn, paused):
                 continue

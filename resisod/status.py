@@ -18,12 +18,13 @@ def describe_sched(slot: Slot) -> str:
     return isolation.describe_policy(pid) if pid else slot.sched
 
 
-def worker_view(slot: Slot, device: str) -> dict[str, Any]:
+def worker_view(slot: Slot, device: str, gpus: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "name": slot.name, "pid": slot.pid or slot.last_pid, "state": slot.state,
         "cpus": slot.cpus, "threads": slot.threads, "sched": describe_sched(slot),
         "device": device,
         "rss_mb": round(slot.rss_mb, 1) if slot.rss_mb is not None else None,
+        "vram_mb": devices.vram_mb(gpus, slot.pid) if gpus else None,
         "job": slot.job.task_id if slot.job else None,
         "restarts": slot.generation - 1, "last_error": slot.last_error, "loaded": slot.loaded,
     }
@@ -32,9 +33,10 @@ def worker_view(slot: Slot, device: str) -> dict[str, Any]:
 def snapshot(sched: Scheduler, *, socket_path: str, state_dir: str, started: float,
              gpus: bool, loop: dict[str, Any],
              aliases: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
+    gpu_list = devices.probe() if gpus else []
     domains = {}
     for name, d in sched.domains.items():
-        workers = [worker_view(s, d.cfg["device"]) for s in sched.slots_of[name]]
+        workers = [worker_view(s, d.cfg["device"], gpu_list) for s in sched.slots_of[name]]
         states = {w["state"] for w in workers}
         if d.unavailable_reason:
             state = "failed"
@@ -53,4 +55,5 @@ def snapshot(sched: Scheduler, *, socket_path: str, state_dir: str, started: flo
             "stopping": sched.stopping, "loop": loop, "domains": domains,
             "engines": engine_registry.discover().view(),
             "aliases": aliases or {},
-            "gpus": devices.probe() if gpus else []}
+            # per-process memory went into the workers' vram_mb (its pid keys are not names)
+            "gpus": [{k: v for k, v in g.items() if k != "processes"} for g in gpu_list]}

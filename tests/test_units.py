@@ -112,3 +112,10 @@ def test_loop_watch_keeps_the_longest_iteration_and_names_a_stall(caplog):
     assert w.gc_since == 0.0
     w.busy(2.0, 2.12, 2.12, 2.12, 2.12)               # a shorter stall still counts
     assert w.report()["stalls"] == 2 and w.report()["max_iteration_ms"] == 153.0
+
+
+def test_worker_vram_sums_what_nvml_reports_for_its_pid():
+    from resisod import devices
+    gpus = [{"index": 0, "processes": {10: 100.0, 11: 3.0}}, {"index": 1, "processes": {10: 50.5}}]
+    assert devices.vram_mb(gpus, 10) == 150.5
+    assert devices.vram_mb(gpus, 12) is None and devices.vram_mb([], 10) is None

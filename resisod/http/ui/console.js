@@ -274,6 +274,7 @@
         stat('queued batch', q.batch ?? 0),
         stat('running', d.running), stat('p50', fmtMs(d.p50_ms)), stat('p95', fmtMs(d.p95_ms)),
         stat('preemptions', d.preemptions), stat('paused', d.paused ? 'yes' : 'no'),
+        stat('paused for', fmtMs((d.paused_s || 0) * 1000)), stat('ran beside', fmtMs((d.co_running_s || 0) * 1000)),
         stat('done / failed / cancelled', `${d.completed} / ${d.failed} / ${d.cancelled}`)),
       el('table', { class: 'workers' },
         el('thead', {}, el('tr', {}, head.map((h) => el('th', { text: h })))),
