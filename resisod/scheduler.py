@@ -103,6 +103,8 @@ class Scheduler:
         # jobs then wait `hold` for it to come back
         self.load_attempts = cfg["daemon"]["load_attempts"]
         self.hold = cfg["daemon"]["failed_domain_hold_s"]
+        # the owner part of task ids, for load balancers in front of several daemons
+        self.node = cfg["daemon"].get("node", "")
         self._out: list[Any] = []
 
     def _take(self) -> list[Any]:
@@ -126,7 +128,7 @@ class Scheduler:
         if len(domain.queue) >= domain.cfg["max_queue"]:
             raise ProtocolError(Code.QUEUE_FULL, f"domain {domain.name!r} has "
                                 f"{len(domain.queue)} jobs queued (max_queue); retry later")
-        job = Job(new_task_id(domain.kind), domain.name, domain.kind, params, priority,
+        job = Job(new_task_id(domain.kind, self.node), domain.name, domain.kind, params, priority,
                   created_at=self.wall(), seq=next(self.seq), detached=detached)
         if timeout_ms is None:
             timeout_ms = domain.cfg["timeout_ms"] or (
@@ -139,9 +141,11 @@ class Scheduler:
         self.dispatch_due = True
         return job
 
-    def restore(self, job: Job, deadline_at: float | None) -> list[Any]:
+    def restore(self, job: Job, deadline_at: float | None, *,
+                refused: str | None = None) -> list[Any]:
         """A job read back from the store at start-up. Queued jobs return to their queue in
-        their old order; a job a stop cut off mid-run returns once more, then fails."""
+        their old order; a job a stop cut off mid-run returns once more, then fails; a job
+        whose params no longer pass (`refused` says why) fails."""
         self.jobs.add(job)
         if job.finished:
             return []
@@ -149,6 +153,10 @@ class Scheduler:
         if domain is None:
             self.end(job, failed(Code.ENGINE_UNAVAILABLE,
                                  f"domain {job.domain!r} is no longer configured"))
+            return self._take()
+        if refused is not None:
+            self.end(job, failed(Code.BAD_REQUEST, f"its parameters do not pass under the "
+                                 f"current configuration: {refused}"))
             return self._take()
         job.deadline = None if deadline_at is None else \
             self.clock() + (deadline_at - self.wall())

@@ -282,3 +282,33 @@ def test_run_time_estimates_survive_a_restart(make_daemon):
     with d.client() as c:
         accepted = c.submit("null", {"steps": 10, "delay_ms": 20}).accepted
         assert accepted["estimated_time_ms"] >= 100, accepted
+
+
+def test_recovered_jobs_are_validated_again(make_daemon):
+    """Queued jobs outlive the code and configuration that accepted them: at start-up their
+    params pass the checks again, so a parameter a newer engine expects gets its default, and
+    a job over a limit that was lowered fails with a reason instead of reaching the engine."""
+    from resisod.store import _pack, _unpack
+    d = make_daemon(DURABLE.format(ttl=24).replace("workers = 2", "workers = 1"))
+    with d.client() as c:
+        c.submit("null", {"steps": 20, "delay_ms": 50}, stream=False)  # holds the worker
+        old = c.submit("null", {"steps": 2}, stream=False).task_id
+        over = c.submit("null", {"steps": 3}, stream=False).task_id
+    assert d.stop() == 0
+    db = sqlite3.connect(os.path.join(d.state_dir, "jobs.db"))
+    rows = dict(db.execute("SELECT task_id, params FROM jobs WHERE task_id IN (?, ?)",
+                           (old, over)).fetchall())
+    params = _unpack(rows[old])
+    del params["block_ms"]           # what an older version stored, without a newer key
+    db.execute("UPDATE jobs SET params = ? WHERE task_id = ?", (_pack(params), old))
+    params = _unpack(rows[over])
+    params["steps"] = 2_000_000      # over today's limit of 1,000,000
+    db.execute("UPDATE jobs SET params = ? WHERE task_id = ?", (_pack(params), over))
+    db.commit()
+    db.close()
+    d.start()
+    with d.client() as c:
+        wait_for(lambda: c.get(old)["status"] == "completed", 30, what="old job ran")
+        rec = c.get(over)
+        assert rec["status"] == "failed" and rec["error"]["code"] == "bad_request"
+        assert "'steps' must be between 0 and 1000000" in rec["error"]["message"]
