@@ -81,6 +81,11 @@ class ClientOps:
         domain, routed = domain_routing.pick(sched.domains, field(msg, "domain", str),
                                              field(msg, "kind", str), p, self.aliases)
         sched.refuse(domain)
+        if self.store.full is not None:
+            raise ProtocolError(Code.STORAGE_FULL, f"no space left for the job store in "
+                                f"{os.path.dirname(self.store.path)} "
+                                f"({self.store.full.strerror}); new jobs are refused until "
+                                f"there is, while queued and running jobs go on")
         if routed and isinstance(p, dict):
             p = {**p, **routed}
         params = job_params.validate(domain.kind, p, domain.cfg)

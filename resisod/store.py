@@ -15,6 +15,8 @@ well, so the daemon's loop never waits on a sweep. What it removed comes back on
 """
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import queue
 import sqlite3
@@ -28,6 +30,9 @@ import msgpack
 
 from .jobs import Job
 from .protocol import JobState, pack
+
+log = logging.getLogger("resisod")
+DISK_FULL_RETRY_S = 1.0
 
 JOURNAL_TRUNCATE_BYTES = 1 << 20
 FSYNC_EVERY_S = 1.0
@@ -133,6 +138,8 @@ class JobStore:
         self.applied_cv = threading.Condition()
         self.flushing = threading.Event()   # set while someone waits for the writer
         self.pending: dict[str, Job] = {}
+        self.full: OSError | None = None    # the last journal write failed (a full disk)
+        self.closing = False
         self.deadlines: dict[str, float | None] = {}
         self.batches: queue.SimpleQueue = queue.SimpleQueue()
         # (task ids deleted, whether more expired rows remain) per sweep, from the writer
@@ -177,14 +184,36 @@ class JobStore:
         if not self.pending:
             return
         rows = [(j.task_id, j.seq, j.domain, j.kind, j.priority, j.state, _pack(j.params),
-                 j.created_at, j.started_at, j.finished_at, self.deadlines.pop(j.task_id, None),
+                 j.created_at, j.started_at, j.finished_at, self.deadlines.get(j.task_id),
                  j.attempts, j.interrupted, int(j.detached), _pack(j.result), _pack(j.error))
                 for j in self.pending.values()]
-        self.pending.clear()
         frame = pack(rows)
         with self.journal_lock:
-            os.write(self.jfd, FRAME.pack(len(frame)) + frame)
+            end = os.lseek(self.jfd, 0, os.SEEK_END)
+            try:
+                written = os.write(self.jfd, FRAME.pack(len(frame)) + frame)
+                if written != FRAME.size + len(frame):
+                    raise OSError(errno.ENOSPC, "short write to the journal")
+            except OSError as exc:
+                # cut the torn frame off (replay would stop at it, and at all after it); the
+                # changes stay pending, in memory, and go out with the next commit that fits
+                try:
+                    os.ftruncate(self.jfd, end)
+                except OSError:
+                    pass
+                if self.full is None:
+                    log.error("cannot write the job journal (%s): new jobs are refused with "
+                              "storage_full until there is space in %s", exc.strerror,
+                              os.path.dirname(self.path))
+                self.full = exc
+                return
             self.appended += 1
+        if self.full is not None:
+            log.warning("the job journal is writable again; new jobs are accepted")
+            self.full = None
+        for j in self.pending:
+            self.deadlines.pop(j, None)
+        self.pending.clear()
         self.batches.put(rows)
 
     def sweep(self, before: float, files_under: str) -> None:
@@ -222,9 +251,22 @@ class JobStore:
         # rows are whole jobs: only the last state of each job in the group is written,
         # so a job accepted and finished within one group costs one upsert, not three
         latest = {row[0]: row for g in groups for row in g}
-        with self.db_lock:
-            self.db.executemany(UPSERT, latest.values())
-            self.db.commit()
+        failing = False
+        while True:
+            try:
+                with self.db_lock:
+                    self.db.executemany(UPSERT, latest.values())
+                    self.db.commit()
+                break
+            except sqlite3.OperationalError as exc:  # a full disk: the journal holds the rows
+                with self.db_lock:
+                    self.db.rollback()
+                if not failing:
+                    log.error("cannot write the job database (%s); retrying", exc)
+                    failing = True
+                if self.closing:
+                    return  # not counted as applied: the journal is kept for the next start
+                time.sleep(DISK_FULL_RETRY_S)
         with self.journal_lock:
             self.applied += len(groups)
             if self.applied == self.appended and \
@@ -299,11 +341,19 @@ class JobStore:
 
     def close(self) -> None:
         self.flush()
+        self.closing = True
         self.batches.put(None)
         self.writer.join(30)
         with self.db_lock:
-            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            try:
+                self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.OperationalError:
+                pass  # the WAL stays; SQLite replays it at the next open
             self.db.close()
+        if self.pending:
+            log.error("%d job changes could not be written (no space left) and are lost",
+                      len(self.pending))
         os.fsync(self.jfd)
-        os.ftruncate(self.jfd, 0)  # everything is in the database
+        if self.applied == self.appended:
+            os.ftruncate(self.jfd, 0)  # everything is in the database
         os.close(self.jfd)

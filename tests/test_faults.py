@@ -370,3 +370,61 @@ def test_a_large_result_comes_back_in_bounded_chunks(make_daemon):
             raise AssertionError("a negative offset was accepted")
         except Rejected as exc:
             assert exc.code == "bad_request"
+
+
+def test_a_full_state_disk_refuses_new_jobs_and_loses_none_it_accepted(make_daemon, tmp_path):
+    """The job store's own disk fills up (a 2 MB tmpfs as the state dir, filled by another
+    file): the daemon keeps serving, refuses new jobs with storage_full, runs what it had, and
+    takes new jobs again once there is space, with everything it accepted in the store."""
+    import subprocess
+
+    state = tmp_path / "state"
+    state.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(state)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs is not permitted here")
+    try:
+        d = make_daemon(CONFIG, state_dir=str(state))
+        with d.client() as c:
+            before = c.submit("null", {"steps": 30, "delay_ms": 20}, stream=False).task_id
+            filler = state / "filler"
+            with open(filler, "wb", buffering=0) as f:  # take every page left
+                for chunk in (65536, 4096):
+                    try:
+                        while True:
+                            f.write(b"\0" * chunk)
+                    except OSError:
+                        pass
+            # jobs still fit in the journal's last page for a while; the first one that does
+            # not is taken in memory (its journal write fails after it was accepted), and
+            # the ones after it are refused
+            codes = []
+            for _ in range(200):
+                try:
+                    codes.append(c.submit("null", {"steps": 1, "text": "x" * 200},
+                                          stream=False).task_id)
+                except Rejected as exc:
+                    codes.append(exc.code)
+                    if codes.count("storage_full") == 3:
+                        break
+            assert codes[-3:] == ["storage_full"] * 3, codes
+            assert c.ping()  # still serving
+            wait_for(lambda: c.get(before)["status"] == "completed", 30, what="job ran on")
+            filler.unlink()
+            wait_for(lambda: _accepts(c), 10, 0.2, "new jobs accepted again")
+            accepted = [x for x in codes if x != "storage_full"]
+        assert d.stop() == 0
+        d.start()
+        with d.client() as c:  # what it accepted while full reached the store after all
+            for task_id in [before, *accepted]:
+                assert c.get(task_id)["status"] == "completed", task_id
+        d.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(state)], capture_output=True)
+
+
+def _accepts(c) -> bool:
+    try:
+        return c.submit("null", {"steps": 1}).wait()["event"] == "result"
+    except Rejected:
+        return False
