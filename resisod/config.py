@@ -66,6 +66,17 @@ def _str(choices: tuple[str, ...] | None = None) -> Callable[[Any], str | None]:
     return check
 
 
+def _node(v: Any) -> str | None:
+    # the node name goes into task ids, which load balancers match with a plain regex
+    # (deploy/haproxy.cfg, deploy/nginx.conf): keep it to what needs no escaping anywhere
+    if not isinstance(v, str):
+        return f"must be a string, got {type(v).__name__}"
+    if v and not (len(v) <= 16 and all(c in "abcdefghijklmnopqrstuvwxyz0123456789" for c in v)):
+        return (f"must be 1 to 16 lowercase letters or digits ([a-z0-9]), or \"\" for "
+                f"none, got {v!r}")
+    return None
+
+
 def _bool(v: Any) -> str | None:
     return None if isinstance(v, bool) else f"must be true or false, got {type(v).__name__}"
 
@@ -124,6 +135,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "cancel_grace_s": Key(2.0, _num(0.1, 3600)),
         "load_attempts": Key(3, _int(1, 1000)),
         "failed_domain_hold_s": Key(60.0, _num(0, 86400)),
+        "node": Key("", _node),
     },
     "logging": {
         "level": Key("INFO", _str(LOG_LEVELS)),
@@ -150,6 +162,27 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "cors_origins": Key([], lambda v: None if isinstance(v, list) and all(
             isinstance(o, str) for o in v) else "must be a list of origin strings"),
     },
+}
+
+
+def _redis_url(v: Any) -> str | None:
+    if not isinstance(v, str):
+        return f"must be a string, got {type(v).__name__}"
+    if not v.startswith(("redis://", "rediss://", "unix://")):
+        return f"must be a redis://, rediss:// or unix:// URL, got {v!r}"
+    return None
+
+
+# the result cache shared between daemons (TTS audio, repeatable LLM answers); its keys are
+# checked here so a daemon never starts with a cache its workers cannot open
+SCHEMA["cache"] = {
+    "backend": Key("local", _str(("local", "redis"))),
+    "url": Key("redis://127.0.0.1:6379/0", _redis_url),
+    "ttl_s": Key(86400, _int(0, 365 * 86400)),
+    "namespace": Key("resiso:", _str()),
+    "failure_threshold": Key(3, _int(1, 1000)),
+    "cooldown_s": Key(30.0, _num(0.1, 86400)),
+    "timeout_ms": Key(50, _int(1, 60000)),
 }
 
 DOMAIN_COMMON: dict[str, Key] = {
@@ -321,11 +354,11 @@ def build(raw: dict[str, Any]) -> dict[str, Any]:
     """Validate a parsed TOML tree; return the effective configuration or raise ConfigError."""
     errors: list[str] = []
     cfg: dict[str, Any] = {}
-    known = {"daemon", "logging", "resources", "http", "domains", "aliases"}
+    known = {"daemon", "logging", "resources", "http", "cache", "domains", "aliases"}
     for name in raw:
         if name not in known:
             errors.append(f"{name}: unknown section; allowed: {', '.join(sorted(known))}")
-    for section in ("daemon", "logging", "http"):
+    for section in ("daemon", "logging", "http", "cache"):
         cfg[section] = _apply(section, SCHEMA[section], raw.get(section), errors)
     resources = dict(raw.get("resources") or {})
     gpu = resources.pop("gpu_allocation", None)

@@ -15,10 +15,23 @@ from .protocol import FINISHED_STATES, KIND_PREFIX, PRIORITY_ORDER, Code, JobSta
 _rng = random.Random(os.urandom(16))
 
 
-def new_task_id(kind: str) -> str:
-    """`<kind>_<ms timestamp><random>`: sortable by creation, unique across restarts."""
-    return f"{KIND_PREFIX.get(kind, kind[:3])}_{int(time.time() * 1000):012x}" \
+def new_task_id(kind: str, node: str = "") -> str:
+    """`<kind>_<ms timestamp><random>`: sortable by creation, unique across restarts.
+
+    With a node name (`[daemon] node`), `<kind>_<node>-<ms timestamp><random>`: a load
+    balancer in front of several daemons sends every request about the job to its owner by
+    the part between `_` and `-` (hex digits hold no `-`, so ids without a node never match).
+    """
+    owner = f"{node}-" if node else ""
+    return f"{KIND_PREFIX.get(kind, kind[:3])}_{owner}{int(time.time() * 1000):012x}" \
            f"{_rng.getrandbits(40):010x}"
+
+
+def task_node(task_id: str) -> str:
+    """The node part of a task id ("" for an id made without one)."""
+    rest = task_id.partition("_")[2]
+    node, dash, _ = rest.partition("-")
+    return node if dash else ""
 
 
 @dataclass(eq=False)

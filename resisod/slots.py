@@ -47,6 +47,7 @@ class Slot:
     kill_reason: str = ""                # why the supervisor killed it (memory_limit, hung)
     loaded: bool = True
     last_pid: int | None = None
+    cache: dict[str, Any] | None = None  # its shared cache's breaker and counters, last reported
 
     @property
     def name(self) -> str:

@@ -30,6 +30,23 @@ def worker_view(slot: Slot, device: str, gpus: list[dict[str, Any]]) -> dict[str
     }
 
 
+BREAKER_ORDER = ("closed", "half-open", "open")
+
+
+def cache_view(slots: list[Slot]) -> dict[str, Any] | None:
+    """A domain's shared cache as its workers last reported it: the breaker of the worker
+    furthest from closed (one open breaker means some jobs run without the shared cache),
+    counters summed. None when none of them uses a shared cache."""
+    views = [s.cache for s in slots if s.cache]
+    if not views:
+        return None
+    breaker = max((v.get("breaker", "closed") for v in views),
+                  key=lambda b: BREAKER_ORDER.index(b) if b in BREAKER_ORDER else 0)
+    return {"backend": views[0].get("backend", "redis"), "breaker": breaker,
+            "hits": sum(v.get("hits", 0) for v in views),
+            "errors": sum(v.get("errors", 0) for v in views)}
+
+
 def snapshot(sched: Scheduler, *, socket_path: str, state_dir: str, started: float,
              gpus: bool, loop: dict[str, Any],
              aliases: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
@@ -50,6 +67,9 @@ def snapshot(sched: Scheduler, *, socket_path: str, state_dir: str, started: flo
                          "workers": workers, **d.stats()}
         if d.kind == "tts":
             domains[name].update(voices=served_voices(d.cfg), language=speech_language(d.cfg))
+        cache = cache_view(sched.slots_of[name])
+        if cache is not None:
+            domains[name]["cache"] = cache
     return {"version": __version__, "pid": os.getpid(), "socket": socket_path,
             "state_dir": state_dir, "uptime_s": round(time.time() - started, 1),
             "stopping": sched.stopping, "loop": loop, "domains": domains,

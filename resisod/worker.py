@@ -86,6 +86,7 @@ class Worker:
         self.identity = spec["identity"].encode()
         self.sock = _socket(self.ctx, self.identity, spec["endpoint"])
         self.control: Any = None        # JobControl of the running job
+        self.cache: Any = None          # the shared result cache, reported with each result
         self.stopping = False
 
     def send(self, msg: dict[str, Any]) -> None:
@@ -110,6 +111,8 @@ class Worker:
         os.makedirs(ectx.results_dir, exist_ok=True)
         try:
             t0 = time.monotonic()
+            from .engines.result_cache import open_shared
+            self.cache = ectx.shared_cache = open_shared(spec.get("cache"), domain["kind"])
             engine = create(domain, ectx)
             engine.load()
             warm_up = engine.warm_up()
@@ -120,7 +123,7 @@ class Worker:
             time.sleep(0.1)  # let the frame leave before the process ends
             return 3
         self.send({"op": WorkerMsg.READY, "capacity": 1, "warm_up": warm_up,
-                   "load_ms": (time.monotonic() - t0) * 1000})
+                   "load_ms": (time.monotonic() - t0) * 1000, **self.cache_report()})
         keep_alive = domain.get("keep_alive_s") or None
         loaded = True
         sock, rcvtimeo = self.sock, -1
@@ -184,7 +187,12 @@ class Worker:
             traceback.print_exc(file=sys.stderr)
             reply = {"op": WorkerMsg.FAILED, "task_id": task_id,
                      "code": Code.ENGINE_ERROR, "message": f"{type(exc).__name__}: {exc}"}
-        self.send(reply)
+        self.send({**reply, **self.cache_report()})
+
+    def cache_report(self) -> dict[str, Any]:
+        """The shared cache's breaker and counters, riding on messages the daemon reads anyway
+        (ready, done, failed): its state changes only while this worker runs a job."""
+        return {"cache": self.cache.view()} if self.cache is not None else {}
 
     def poll_control(self, control: Any, wait: float) -> None:
         """Read control messages for the running job; wait up to `wait` s for the first."""

@@ -50,6 +50,8 @@ class WorkerLink:
         op = msg.get("op")
         if op == WorkerMsg.HEARTBEAT:
             return NOTHING
+        if op in (WorkerMsg.READY, WorkerMsg.DONE, WorkerMsg.FAILED) and "cache" in msg:
+            slot.cache = msg["cache"]  # the shared cache's breaker, shown by `status`
         if op == WorkerMsg.PARTIAL:
             job = self.sched.running_job(slot, msg.get("task_id"))
             if job is not None:
@@ -71,6 +73,7 @@ class WorkerLink:
                                          msg.get("message", ""))
         if op == WorkerMsg.HELLO:
             slot.state = SlotState.LOADING
+            slot.cache = None  # a new process: its predecessor's counters went with it
         elif op == WorkerMsg.READY:
             log.info("worker %s ready (load %.0f ms)", slot.name, msg.get("load_ms", 0))
             return self.sched.worker_ready(slot, msg.get("warm_up"))

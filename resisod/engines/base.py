@@ -36,6 +36,9 @@ class EngineContext:
     device: str          # "cpu" or "cuda" (the visible GPU, after CUDA_VISIBLE_DEVICES)
     threads: int
     gpu_share: float     # fraction of the GPU's memory this process may use
+    # the cache shared between daemons ([cache] backend = "redis"): a result_cache.SharedCache,
+    # None when results are cached locally only
+    shared_cache: Any = None
 
 
 class JobControl:

@@ -8,7 +8,8 @@ from typing import Any
 from .. import builtin
 from ..protocol import Code
 from .base import Engine, EngineUnavailable, JobControl, JobError
-from .llm_common import StopText, Utf8Text, chat_messages, finish_stats
+from .llm_common import (StopText, Utf8Text, chat_messages, finish_stats,
+                         shared_answer)
 
 
 class LlamaCppEngine(Engine):
@@ -66,6 +67,9 @@ class LlamaCppEngine(Engine):
         return tokens, list(stop) if isinstance(stop, list) else [stop]
 
     def run(self, params: dict[str, Any], job: JobControl) -> dict[str, Any]:
+        return shared_answer(self, params, job, lambda: self.generate(params, job))
+
+    def generate(self, params: dict[str, Any], job: JobControl) -> dict[str, Any]:
         messages = chat_messages(params)
         tokens, template_stop = self._prompt_tokens(messages)
         n_ctx = self.llm.n_ctx()

@@ -9,6 +9,7 @@ from both.
 from __future__ import annotations
 
 import codecs
+import json
 import time
 from typing import Any, Callable, Sequence
 
@@ -117,6 +118,42 @@ def chat_messages(params: dict[str, Any]) -> list[dict[str, str]]:
     if params.get("system") is not None and not any(m["role"] == "system" for m in messages):
         messages.insert(0, {"role": "system", "content": params["system"]})
     return messages
+
+
+def repeatable(params: dict[str, Any]) -> bool:
+    """Greedy (temperature 0) or seeded: the engines then give the same answer to the same
+    request, so the answer may be served from the shared cache."""
+    return params["temperature"] == 0 or params.get("seed") is not None
+
+
+def shared_answer(engine: Any, params: dict[str, Any], job: Any,
+                  generate: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """`generate()`, or a repeatable request's answer from the cache shared between daemons,
+    streamed as one `token` event so a client sees a hit the way it sees a generation."""
+    shared = engine.ctx.shared_cache
+    if shared is None or not repeatable(params):
+        return generate()
+    from .result_cache import digest
+    domain = engine.domain
+    key = digest("llm", domain["engine"], domain["model"], domain["context_size"], params)
+    t0 = time.perf_counter()
+    raw = shared.get(key)
+    result = None
+    if raw is not None:
+        try:
+            result = json.loads(raw)
+            text = result["result"]
+        except (ValueError, TypeError, KeyError):
+            result = None  # not one of ours: generate instead
+    if result is None:
+        result = generate()
+        shared.put(key, json.dumps(result).encode())
+        return result
+    job.checkpoint()
+    if text:
+        job.emit("token", text=text)
+    ms = round((time.perf_counter() - t0) * 1000, 2)
+    return {**result, "cached": True, "ttft_ms": ms, "generation_time_ms": ms}
 
 
 def finish_stats(text: str, finish: str, prompt_tokens: int, completion_tokens: int,

@@ -2,15 +2,17 @@
 
 An engine only says how to turn one sentence into 16-bit mono PCM; this base streams one
 `audio` event per sentence (so a client can start playing early), writes the WAV, and serves
-repeated requests from a bounded least-recently-used cache under the state dir.
+repeated requests from a bounded least-recently-used cache under the state dir, and from the
+cache shared between daemons when one is configured ([cache] backend = "redis").
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import time
 import wave
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
 
 from ..voices import split_sentences
 from .base import Engine, JobControl
@@ -28,7 +30,7 @@ def write_wav(path: str, pcm: bytes, rate: int) -> None:
     os.replace(tmp, path)  # readers never see half a file
 
 
-def read_wav(path: str) -> tuple[bytes, int]:
+def read_wav(path: str | IO[bytes]) -> tuple[bytes, int]:
     with wave.open(path, "rb") as w:
         return w.readframes(w.getnframes()), w.getframerate()
 
@@ -102,9 +104,21 @@ class SpeechEngine(Engine):
         key = cache.key(self.domain["engine"], self.domain["model"], voice, params["speed"],
                         params["text"])
         out = os.path.join(self.ctx.results_dir, f"{job.task_id}.wav")
-        hit = cache.get(key)
-        if hit:
-            pcm, rate = read_wav(hit)
+        shared = self.ctx.shared_cache
+        hit: str | bytes | None = cache.get(key)
+        if hit is None and shared is not None:
+            # another daemon may have spoken this text; the disk copy spares Redis next time
+            hit = shared.get(key)
+            if hit is not None:
+                try:
+                    pcm, rate = read_wav(io.BytesIO(hit))
+                except (wave.Error, EOFError):
+                    hit = None  # not a WAV (another program's key?): synthesize instead
+                else:
+                    cache.put(key, pcm, rate)
+        if hit is not None:
+            if isinstance(hit, str):
+                pcm, rate = read_wav(hit)
             job.emit("audio", pcm=pcm, sample_rate=rate, index=0)
             write_wav(out, pcm, rate)
             n_chunks = 1
@@ -119,6 +133,9 @@ class SpeechEngine(Engine):
             n_chunks = len(chunks)
             write_wav(out, pcm, rate)
             cache.put(key, pcm, rate)
+            if shared is not None:
+                with open(out, "rb") as f:
+                    shared.put(key, f.read())
         return {
             "audio_path": out, "duration_ms": round(len(pcm) / 2 / rate * 1000, 1),
             "size_bytes": os.path.getsize(out), "sample_rate": rate,

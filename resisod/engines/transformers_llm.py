@@ -14,7 +14,8 @@ from typing import Any, Iterator
 from .. import builtin
 from ..protocol import Code
 from .base import Cancelled, Engine, EngineUnavailable, JobControl, JobError
-from .llm_common import IdsText, StopText, chat_messages, finish_stats
+from .llm_common import (IdsText, StopText, chat_messages, finish_stats,
+                         shared_answer)
 from ..devices import place_torch
 
 
@@ -99,6 +100,9 @@ class TransformersEngine(Engine):
         return tok(text, return_tensors="pt").input_ids
 
     def run(self, params: dict[str, Any], job: JobControl) -> dict[str, Any]:
+        return shared_answer(self, params, job, lambda: self.generate(params, job))
+
+    def generate(self, params: dict[str, Any], job: JobControl) -> dict[str, Any]:
         from transformers import StoppingCriteria, StoppingCriteriaList
         torch = self.torch
         ids = self._prompt_ids(chat_messages(params)).to(self.device)

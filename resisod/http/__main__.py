@@ -35,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     http = cfg["http"]
     if os.environ.get("RESISO_HTTP"):  # handed down by resisod when it starts the gateway
         http.update(json.loads(os.environ["RESISO_HTTP"]))
+    # a key from the environment (a Kubernetes Secret, deploy/k8s/) keeps it out of the
+    # config file, which may be a ConfigMap anyone in the namespace can read
+    if os.environ.get("RESISO_API_KEY"):
+        http["api_key"] = os.environ["RESISO_API_KEY"]
     listen = a.listen or http["listen"]
     host, _, port = listen.rpartition(":")
     if not port.isdigit():

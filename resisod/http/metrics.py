@@ -33,6 +33,9 @@ class DaemonCollector:
                                       labels=["domain"])
         cache = CounterMetricFamily("resiso_cache_hits", "results served from cache",
                                     labels=["domain"])
+        breaker = GaugeMetricFamily("resiso_cache_breaker_open", "1 while the shared cache's "
+                                    "circuit breaker is open (local cache only)",
+                                    labels=["domain"])
         rss = GaugeMetricFamily("resiso_worker_rss_bytes", "worker resident memory",
                                 labels=["domain", "worker"])
         dur = HistogramMetricFamily("resiso_job_duration_seconds", "run time of completed "
@@ -47,6 +50,8 @@ class DaemonCollector:
             running.add_metric([name], d["running"])
             preempt.add_metric([name], d["preemptions"])
             cache.add_metric([name], d.get("cache_hits", 0))
+            if d.get("cache"):
+                breaker.add_metric([name], 1.0 if d["cache"]["breaker"] == "open" else 0.0)
             for w in d["workers"]:
                 if w["rss_mb"] is not None:
                     rss.add_metric([name, w["name"]], w["rss_mb"] * 2**20)
@@ -56,7 +61,7 @@ class DaemonCollector:
                     buckets = [(str(b), c) for b, c in zip(h["bounds"], h["cumulative"])]
                     buckets.append(("+Inf", h["count"]))
                     family.add_metric([name], buckets, h["sum"])
-        yield from (jobs, queue, running, preempt, cache, rss, dur, ttft)
+        yield from (jobs, queue, running, preempt, cache, breaker, rss, dur, ttft)
         gpu = GaugeMetricFamily("resiso_gpu_memory_used_bytes", "GPU memory in use",
                                 labels=["gpu", "name"])
         for g in st.get("gpus", []):
