@@ -135,6 +135,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "cancel_grace_s": Key(2.0, _num(0.1, 3600)),
         "load_attempts": Key(3, _int(1, 1000)),
         "failed_domain_hold_s": Key(60.0, _num(0, 86400)),
+        "breaker_failures": Key(5, _int(0, 1000)),
+        "breaker_cooldown_s": Key(30.0, _num(0.1, 86400)),
         "node": Key("", _node),
     },
     "logging": {

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
 from . import preemption
+from .breakers import WORKER_FAULTS, Breaker
 from .domains import Domain
 from .jobs import CANCELLED, JobTable, Job, Outcome, completed, failed, new_task_id, retry
 from .protocol import Code, Event, JobState, ProtocolError, WorkerMsg
@@ -105,6 +106,9 @@ class Scheduler:
         self.hold = cfg["daemon"]["failed_domain_hold_s"]
         # the owner part of task ids, for load balancers in front of several daemons
         self.node = cfg["daemon"].get("node", "")
+        for slot in slots:  # a worker failing job after job is taken out of dispatch a while
+            slot.breaker = Breaker(cfg["daemon"]["breaker_failures"],
+                                   cfg["daemon"]["breaker_cooldown_s"])
         self._out: list[Any] = []
 
     def _take(self) -> list[Any]:
@@ -181,8 +185,10 @@ class Scheduler:
         """Give queued jobs to idle slots (highest priority first, FIFO within a class)."""
         self.dispatch_due = False
         if not self.stopping:
+            now = self.clock()
             for slot in self.slots:
-                if slot.state != SlotState.READY or slot.job is not None:
+                if slot.state != SlotState.READY or slot.job is not None \
+                        or not slot.breaker.allows(now):
                     continue
                 domain = self.domains[slot.domain]
                 job = domain.queue.pop()
@@ -194,6 +200,7 @@ class Scheduler:
 
     def _start(self, slot: Slot, domain: Domain, job: Job) -> None:
         slot.state, slot.job = SlotState.BUSY, job
+        slot.breaker.started()
         job.state, job.slot = JobState.RUNNING, slot
         job.started_at = self.wall()
         job.attempts += 1
@@ -268,6 +275,7 @@ class Scheduler:
     def job_done(self, slot: Slot, task_id: Any, result: dict[str, Any] | None) -> list[Any]:
         job = self._release(slot, task_id)
         if job is not None:
+            slot.breaker.succeeded()
             result = dict(result or {})
             result.setdefault("generation_time_ms",
                               round((self.wall() - job.started_at) * 1000, 1))
@@ -277,6 +285,10 @@ class Scheduler:
     def job_failed(self, slot: Slot, task_id: Any, code: str, message: str) -> list[Any]:
         job = self._release(slot, task_id)
         if job is not None:
+            if code in WORKER_FAULTS:
+                slot.breaker.failed(self.clock())
+            else:
+                slot.breaker.neither()
             if code == Code.CANCELLED:
                 self.end(job, job.on_cancel or CANCELLED)
             else:
@@ -298,6 +310,7 @@ class Scheduler:
         budget). Its supervisor already scheduled the restart."""
         job, slot.job = slot.job, None
         if job is not None and not job.finished:
+            slot.breaker.failed(self.clock())
             if memory_mb is not None:
                 outcome = failed(Code.MEMORY_LIMIT, f"the worker passed its memory budget of "
                                  f"{memory_mb} MB and was restarted")

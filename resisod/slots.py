@@ -5,7 +5,7 @@ generation and the identity); the slot stays. Who writes what:
 - the supervisor: process, generation, identity, backoff and the STARTING / BACKOFF / FAILED
   / STOPPED states;
 - the worker link: LOADING, liveness (`last_seen`), `loaded`;
-- the scheduler: READY / BUSY and `job`.
+- the scheduler: READY / BUSY, `job` and `breaker`.
 """
 from __future__ import annotations
 
@@ -48,6 +48,7 @@ class Slot:
     loaded: bool = True
     last_pid: int | None = None
     cache: dict[str, Any] | None = None  # its shared cache's breaker and counters, last reported
+    breaker: Any = None                  # its circuit breaker (breakers.Breaker), the scheduler's
 
     @property
     def name(self) -> str:

@@ -25,6 +25,7 @@ def worker_view(slot: Slot, device: str, gpus: list[dict[str, Any]]) -> dict[str
         "device": device,
         "rss_mb": round(slot.rss_mb, 1) if slot.rss_mb is not None else None,
         "vram_mb": devices.vram_mb(gpus, slot.pid) if gpus else None,
+        "breaker": slot.breaker.view() if slot.breaker is not None else None,
         "job": slot.job.task_id if slot.job else None,
         "restarts": slot.generation - 1, "last_error": slot.last_error, "loaded": slot.loaded,
     }

@@ -430,3 +430,18 @@ def _accepts(c) -> bool:
         return c.submit("null", {"steps": 1}).wait()["event"] == "result"
     except Rejected:
         return False
+
+
+def test_a_worker_failing_job_after_job_rests_then_takes_one_trial(make_daemon):
+    d = make_daemon(CONFIG.replace("[daemon]", "[daemon]\nbreaker_failures = 2\n"
+                                   "breaker_cooldown_s = 1.5"))
+    with d.client() as c:
+        for _ in range(2):
+            assert c.submit("null", {"fail": "engine_error"}).wait()["code"] == "engine_error"
+        w = c.status()["domains"]["null"]["workers"][0]
+        assert w["breaker"]["state"] == "open" and w["breaker"]["opened"] == 1
+        t0 = time.monotonic()
+        final = c.submit("null", {"steps": 1}).wait()  # waits out the cooldown, then runs
+        waited = time.monotonic() - t0
+        assert final["event"] == "result" and 1.0 < waited < 5.0, waited
+        assert c.status()["domains"]["null"]["workers"][0]["breaker"]["state"] == "closed"

@@ -415,3 +415,38 @@ def test_the_scheduler_imports_neither_zmq_nor_the_store():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == ""
+
+
+def test_a_worker_failing_job_after_job_is_taken_out_then_given_one_trial():
+    sched, clock, slots = make({"n": {"kind": "null", "workers": 2}},
+                               breaker_failures=3, breaker_cooldown_s=10)
+    bad, good = slots["n"]
+    for code in (Code.ENGINE_ERROR, Code.WORKER_CRASHED, Code.ENGINE_ERROR):
+        job = admit(sched)
+        sched.dispatch()
+        assert job.slot is bad  # the first idle slot takes the job
+        assert bad.breaker.state == "closed"
+        sched.job_failed(bad, job.task_id, code, "boom")
+    assert bad.breaker.state == "open" and bad.breaker.opened == 1  # three in a row
+    # open: new work goes to the good slot only, and waits when that one is busy
+    a, b = admit(sched), admit(sched)
+    assert started(sched.dispatch()) == [a.task_id] and a.slot is good
+    assert b.state == JobState.QUEUED and bad.idle
+    clock.advance(9.9)
+    assert sched.dispatch() == []
+    clock.advance(0.2)                                 # past the cooldown: one trial
+    assert started(sched.dispatch()) == [b.task_id] and b.slot is bad
+    assert bad.breaker.state == "half-open"
+    c = admit(sched)
+    assert sched.dispatch() == []                      # one trial at a time
+    sched.job_failed(bad, b.task_id, Code.ENGINE_ERROR, "still broken")
+    assert bad.breaker.state == "open" and bad.breaker.opened == 2  # reopened at once
+    clock.advance(10.1)
+    assert started(sched.dispatch()) == [c.task_id] and c.slot is bad
+    sched.job_done(bad, c.task_id, {})                 # the trial succeeds: closed
+    assert bad.breaker.state == "closed" and bad.breaker.failures == 0
+    # a refused request says nothing against the worker
+    d = admit(sched)
+    sched.dispatch()
+    sched.job_failed(d.slot, d.task_id, Code.BAD_REQUEST, "bad input")
+    assert bad.breaker.failures == 0 and good.breaker.failures == 0
