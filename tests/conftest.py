@@ -9,12 +9,13 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
@@ -44,6 +45,34 @@ def wait_for(pred, timeout: float = 20.0, interval: float = 0.02, what: str = "c
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def http_answers(base: str) -> bool:
+    import httpx
+    try:
+        return httpx.get(base + "/api/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def start_gateway(make: Callable[..., "DaemonHandle"], config: str | Callable[[int], str], *,
+                  timeout: float = 90.0, **kw: Any) -> "DaemonHandle":
+    """A daemon with its HTTP gateway on a free loopback port, once the gateway answers.
+    `config` is a template with `{port}`, or a function of the port (for JSON configs, whose
+    braces a template cannot hold). The handle's `base` is the gateway's URL."""
+    port = free_port()
+    d = make(config(port) if callable(config) else config.format(port=port), **kw)
+    d.base = f"http://127.0.0.1:{port}"
+    wait_for(lambda: http_answers(d.base), timeout, 0.2, "gateway up")
+    return d
 
 
 class DaemonHandle:

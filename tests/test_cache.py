@@ -7,13 +7,12 @@ back and the cooldown has passed the breaker closes again.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 
 import pytest
 
-from .conftest import wait_for
+from .conftest import free_port, wait_for
 
 REDIS_SERVER = shutil.which("redis-server")
 pytestmark = pytest.mark.skipif(
@@ -23,12 +22,6 @@ redis = pytest.importorskip("redis", reason="the redis package is not installed 
                             "(pip install -e '.[cache]')")
 pytest.importorskip("pybreaker", reason="the pybreaker package is not installed "
                     "(pip install -e '.[cache]')")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisServer:

@@ -16,8 +16,7 @@ import pytest
 from resisod import builtin
 from resisod.engines.llm_common import REPLACEMENT, StopText, Utf8Text
 
-from .conftest import wait_for
-from .test_http import free_port
+from .conftest import start_gateway
 
 httpx = pytest.importorskip("httpx")
 
@@ -168,17 +167,7 @@ GREEDY = {"prompt": PROMPT, "temperature": 0, "seed": 7, "max_tokens": MAX_TOKEN
 
 @pytest.fixture(scope="module")
 def zh(make_module_daemon):
-    port = free_port()
-    d = make_module_daemon(ZH_CONFIG.format(port=port))
-    d.base = f"http://127.0.0.1:{port}"
-
-    def up():
-        try:
-            return httpx.get(d.base + "/api/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-    wait_for(up, 60, 0.2, "gateway up")
-    return d
+    return start_gateway(make_module_daemon, ZH_CONFIG)
 
 
 def client_stream(d, params):

@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import time
 
 import pytest
@@ -18,7 +17,7 @@ import pytest
 httpx = pytest.importorskip("httpx")
 
 
-from .conftest import wait_for  # noqa: E402
+from .conftest import start_gateway, wait_for  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -57,25 +56,8 @@ max_chars = 300
 """
 
 
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-def start_gateway(make, config: str):
-    port = free_port()
-    d = make(config.format(port=port))
-    d.base = f"http://127.0.0.1:{port}"
-
-    def up():
-        try:
-            return httpx.get(d.base + "/api/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-    wait_for(up, 90, 0.2, "gateway up")
+def ready_gateway(make, config: str):
+    d = start_gateway(make, config)
     health = httpx.get(d.base + "/api/health", timeout=10).json()
     assert health["status"] == "ok", f"domains not ready: {health}\n{d.read_log()[-3000:]}"
     return d
@@ -83,7 +65,7 @@ def start_gateway(make, config: str):
 
 @pytest.fixture(scope="module")
 def gw(make_module_daemon):
-    return start_gateway(make_module_daemon, CONSOLE_CONFIG)
+    return ready_gateway(make_module_daemon, CONSOLE_CONFIG)
 
 
 @pytest.fixture(scope="module")
@@ -378,7 +360,7 @@ def test_gallery_shows_images_and_audio(gw, browser, shots):
 
 
 def test_api_key_prompt_then_the_page_works(make_module_daemon, browser, shots):
-    d = start_gateway(make_module_daemon, KEYED_CONFIG)
+    d = ready_gateway(make_module_daemon, KEYED_CONFIG)
     # the page loads without the key (it holds no data); the data does not
     assert httpx.get(d.base + "/ui", timeout=10).status_code == 200
     assert httpx.get(d.base + "/api/console/feed", timeout=10).status_code == 401

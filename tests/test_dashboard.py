@@ -9,7 +9,7 @@ import tomllib
 
 import pytest
 
-from .conftest import ROOT, wait_for
+from .conftest import ROOT, start_gateway
 
 httpx = pytest.importorskip("httpx")
 parser = pytest.importorskip("prometheus_client.parser")
@@ -35,29 +35,12 @@ BY = re.compile(r"\bby\s*\(([^)]*)\)")
 PROMQL_WORDS = {"le"}  # histogram_quantile's bucket label
 
 
-def free_port() -> int:
-    import socket
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 @pytest.fixture(scope="module")
 def exposition(make_module_daemon) -> str:
     """/metrics of a real gateway after a job and a request, so the histograms and the
     labelled families have samples."""
-    port = free_port()
-    d = make_module_daemon(GATEWAY_CONFIG.format(port=port))
-    base = f"http://127.0.0.1:{port}"
-
-    def up():
-        try:
-            return httpx.get(base + "/api/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-    wait_for(up, 60, 0.2, "gateway up")
+    d = start_gateway(make_module_daemon, GATEWAY_CONFIG)
+    base = d.base
     with d.client() as c:
         assert c.run("null", {"steps": 2}, domain="alpha")["event"] == "result"
     r = httpx.get(base + "/metrics", timeout=10)

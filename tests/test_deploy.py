@@ -22,7 +22,7 @@ import pytest
 from resisod import config
 from resisod.jobs import new_task_id, task_node
 
-from .conftest import ROOT, wait_for
+from .conftest import ROOT, free_port, http_answers, wait_for
 
 DEPLOY = os.path.join(ROOT, "deploy")
 K8S = os.path.join(DEPLOY, "k8s")
@@ -287,15 +287,6 @@ max_side = 64
 """
 
 
-def free_port() -> int:
-    import socket
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def render(text: str, replacements: dict[str, str]) -> str:
     """deploy/'s file with its documented placeholders replaced; each must be there."""
     for old, new in replacements.items():
@@ -306,7 +297,7 @@ def render(text: str, replacements: dict[str, str]) -> str:
 
 @pytest.fixture(scope="module")
 def two_nodes(make_module_daemon):
-    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("httpx")
     nodes = {}
     for node in ("a", "b"):
         port = free_port()
@@ -319,15 +310,8 @@ def two_nodes(make_module_daemon):
     for d in nodes.values():
         d.wait_ready(300)
         assert d.status()["domains"]["image"]["state"] == "ready", d.read_log()
-        wait_for(lambda: _up(httpx, d.base), 60, 0.2, "gateway up")
+        wait_for(lambda: http_answers(d.base), 60, 0.2, "gateway up")
     return nodes
-
-
-def _up(httpx, base: str) -> bool:
-    try:
-        return httpx.get(base + "/api/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def start_haproxy(nodes, port: int, workdir: str) -> subprocess.Popen:
@@ -366,7 +350,7 @@ def test_seed_image_flow_through_the_balancer_reaches_both_daemons(two_nodes, st
     lb = start(two_nodes, port, workdir)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: lb.poll() is not None or _up(httpx, base), 30, 0.1, "balancer up")
+        wait_for(lambda: lb.poll() is not None or http_answers(base), 30, 0.1, "balancer up")
         assert lb.poll() is None, open(os.path.join(workdir, "balancer.log")).read()
         ids = []
         with httpx.Client(base_url=base, timeout=60) as http:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import base64
 import io
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,15 +13,7 @@ import pytest
 
 httpx = pytest.importorskip("httpx")
 
-from .conftest import BIN, wait_for  # noqa: E402
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+from .conftest import BIN, free_port, start_gateway, wait_for  # noqa: E402
 
 
 HTTP_CONFIG = """
@@ -52,18 +43,7 @@ max_queue = 3
 
 @pytest.fixture(scope="module")
 def gw(make_module_daemon):
-    port = free_port()
-    d = make_module_daemon(HTTP_CONFIG.format(port=port))
-    base = f"http://127.0.0.1:{port}"
-
-    def up():
-        try:
-            return httpx.get(base + "/api/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-    wait_for(up, 60, 0.2, "gateway up")
-    d.base = base
-    return d
+    return start_gateway(make_module_daemon, HTTP_CONFIG)
 
 
 def post(gw, path, body, **kw):

@@ -18,8 +18,7 @@ from resisod.domains import Domain, pick
 from resisod.protocol import Code, ProtocolError
 from resisod.voices import detect_language, language_of_name, split_sentences
 
-from .conftest import ROOT, wait_for
-from .test_http import free_port
+from .conftest import ROOT, start_gateway
 
 httpx = pytest.importorskip("httpx")
 espeak = pytest.mark.skipif(not (os.path.exists("/usr/bin/espeak-ng")),
@@ -50,38 +49,24 @@ def seed_config(port: int, llm_path: str, **models: dict) -> dict:
     }
 
 
-def up(base: str) -> bool:
-    try:
-        return httpx.get(base + "/api/health", timeout=2).status_code in (200, 503)
-    except httpx.HTTPError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def default_gw(make_module_daemon):
     """The default configuration, as shipped; only the gateway's port is chosen."""
-    port = free_port()
-    d = make_module_daemon(f"""
+    return start_gateway(make_module_daemon, """
 [http]
 enabled = true
 listen = "127.0.0.1:{port}"
 """)
-    d.base = f"http://127.0.0.1:{port}"
-    wait_for(lambda: up(d.base), 60, 0.2, "gateway up")
-    return d
 
 
 @pytest.fixture(scope="module")
 def seed_gw(make_module_daemon):
     """A daemon started from the design's config.json (the LLM served as qwen2.5)."""
-    port = free_port()
-    cfg = seed_config(port, builtin.llm_path("builtin:smollm2-135m-instruct"),
-                      tts={"engine_type": "PYTTSX3", "voice": "zh-CN", "speed": 1.0})
-    d = make_module_daemon(json.dumps(cfg, ensure_ascii=False, indent=2),
-                           config_name="config.json")
-    d.base = f"http://127.0.0.1:{port}"
-    wait_for(lambda: up(d.base), 60, 0.2, "gateway up")
-    return d
+    def config(port: int) -> str:
+        cfg = seed_config(port, builtin.llm_path("builtin:smollm2-135m-instruct"),
+                          tts={"engine_type": "PYTTSX3", "voice": "zh-CN", "speed": 1.0})
+        return json.dumps(cfg, ensure_ascii=False, indent=2)
+    return start_gateway(make_module_daemon, config, config_name="config.json")
 
 
 # --- routing, pure -------------------------------------------------------------------------
