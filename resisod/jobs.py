@@ -184,7 +184,7 @@ class JobTable:
             return heapq.nlargest(limit, self.by_id.values(), key=lambda j: j.created_at)
         picked: list[Job] = []
         for job in sorted(self.by_id.values(), key=lambda j: j.created_at, reverse=True):
-            if state is None or job.state == state:
+            if job.state == state:
                 picked.append(job)
                 if len(picked) >= limit:
                     break

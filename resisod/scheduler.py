@@ -105,7 +105,7 @@ class Scheduler:
         self.load_attempts = cfg["daemon"]["load_attempts"]
         self.hold = cfg["daemon"]["failed_domain_hold_s"]
         # the owner part of task ids, for load balancers in front of several daemons
-        self.node = cfg["daemon"].get("node", "")
+        self.node = cfg["daemon"]["node"]
         for slot in slots:  # a worker failing job after job is taken out of dispatch a while
             slot.breaker = Breaker(cfg["daemon"]["breaker_failures"],
                                    cfg["daemon"]["breaker_cooldown_s"])

@@ -70,7 +70,7 @@ class Supervisor:
             "heartbeat_ms": self.cfg["daemon"]["heartbeat_ms"], "cpus": slot.cpus,
             "sched": slot.sched, "threads": slot.threads,
             "gpu_share": devices.memory_share(self.cfg, d),
-            "cache": self.cfg.get("cache"),
+            "cache": self.cfg["cache"],
         }
         env = dict(os.environ)
         env.update(isolation.worker_env(d, slot.threads))

@@ -112,7 +112,7 @@ class Worker:
         try:
             t0 = time.monotonic()
             from .engines.result_cache import open_shared
-            self.cache = ectx.shared_cache = open_shared(spec.get("cache"), domain["kind"])
+            self.cache = ectx.shared_cache = open_shared(spec["cache"], domain["kind"])
             engine = create(domain, ectx)
             engine.load()
             warm_up = engine.warm_up()

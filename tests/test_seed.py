@@ -298,3 +298,17 @@ def test_seed_tts_example_with_the_seed_config(seed_gw):
                    timeout=60)
     assert r.status_code == 200, r.text
     assert (r.json()["domain"], r.json()["voice"]) == ("tts", "cmn")
+
+
+def test_chinese_image_prompt_from_the_cli_and_the_client(default_gw, tmp_path):
+    out = tmp_path / "猫.png"
+    r = default_gw.cli("image", "一只在月光下奔跑的狐狸", "--width", "64", "--height", "64",
+                       "--steps", "2", "--out", str(out), "--json")
+    assert r.returncode == 0, r.stderr.decode("utf-8", "replace")
+    final = json.loads(r.stdout.decode("utf-8").strip().splitlines()[-1])
+    assert final["status"] == "completed" and out.read_bytes()[:4] == b"\x89PNG"
+    with default_gw.client() as c:
+        final = c.run("image", {"prompt": "一只猫", "width": 64, "height": 64, "steps": 2})
+        assert final["event"] == "result"
+        rec = c.get(final["task_id"])
+        assert rec["status"] == "completed" and rec["width"] == 64

@@ -91,6 +91,22 @@ class SpeechEngine(Engine):
         """The name of the voice that spoke, for the result ("" is the domain's default)."""
         return voice or self.domain["voice"] or self.domain["model"].removeprefix("builtin:")
 
+    def cached(self, cache: SpeechCache, key: str) -> tuple[bytes, int] | None:
+        """The audio for `key` from the disk cache, else from the cache shared between
+        daemons (then copied to disk, which spares Redis the next time)."""
+        path = cache.get(key)
+        if path is not None:
+            return read_wav(path)
+        data = self.ctx.shared_cache.get(key) if self.ctx.shared_cache is not None else None
+        if data is None:
+            return None
+        try:
+            pcm, rate = read_wav(io.BytesIO(data))
+        except (wave.Error, EOFError):
+            return None  # not a WAV (another program's key?): synthesize instead
+        cache.put(key, pcm, rate)
+        return pcm, rate
+
     def sentences(self, text: str, voice: str, speed: float,
                   job: JobControl) -> Iterator[bytes]:
         """16-bit mono PCM at `sample_rate`, one chunk per sentence."""
@@ -105,20 +121,9 @@ class SpeechEngine(Engine):
                         params["text"])
         out = os.path.join(self.ctx.results_dir, f"{job.task_id}.wav")
         shared = self.ctx.shared_cache
-        hit: str | bytes | None = cache.get(key)
-        if hit is None and shared is not None:
-            # another daemon may have spoken this text; the disk copy spares Redis next time
-            hit = shared.get(key)
-            if hit is not None:
-                try:
-                    pcm, rate = read_wav(io.BytesIO(hit))
-                except (wave.Error, EOFError):
-                    hit = None  # not a WAV (another program's key?): synthesize instead
-                else:
-                    cache.put(key, pcm, rate)
+        hit = self.cached(cache, key)
         if hit is not None:
-            if isinstance(hit, str):
-                pcm, rate = read_wav(hit)
+            pcm, rate = hit
             job.emit("audio", pcm=pcm, sample_rate=rate, index=0)
             write_wav(out, pcm, rate)
             n_chunks = 1
