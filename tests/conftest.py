@@ -47,6 +47,13 @@ def wait_for(pred, timeout: float = 20.0, interval: float = 0.02, what: str = "c
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+# A runner may start the suite with SIGINT ignored (a shell's background job does), and every
+# child would inherit that: the CLI's Ctrl-C tests would then fail for the runner's reasons. A
+# handler, unlike SIG_IGN, is reset to the default in a child at exec.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def free_port() -> int:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
