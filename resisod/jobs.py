@@ -52,6 +52,8 @@ class Job:
     error: dict[str, Any] | None = None  # {"code", "message"}
     progress: dict[str, Any] | None = None  # the last progress event, for late watchers
     paused: bool = False
+    # paused by the scheduler to give its batch place to a job of higher priority
+    bumped: bool = False
     slot: Any = None                    # the worker slot running it
     estimate_ms: float = 0.0
     # (client identity, rid) -> monotonic time the client was last heard from

@@ -28,7 +28,7 @@ from . import preemption
 from .breakers import WORKER_FAULTS, Breaker
 from .domains import Domain
 from .jobs import CANCELLED, JobTable, Job, Outcome, completed, failed, new_task_id, retry
-from .protocol import Code, Event, JobState, ProtocolError, WorkerMsg
+from .protocol import PRIORITY_ORDER, Code, Event, JobState, ProtocolError, WorkerMsg
 from .slots import Slot, SlotState
 
 
@@ -68,6 +68,10 @@ class Ended(NamedTuple):
 class DomainHealth(NamedTuple):
     domain: Domain               # its `unavailable_reason` says which way it went
 
+
+# slots that can take jobs (a busy batching worker may have places left)
+ACCEPTING = (SlotState.READY, SlotState.BUSY)
+RANK = {p: i for i, p in enumerate(PRIORITY_ORDER)}  # lower is more urgent
 
 SHUTDOWN_RETRY = retry("resisod is shutting down")
 SHUTDOWN_FAIL = failed(Code.INTERRUPTED, "resisod shut down before the job finished")
@@ -182,24 +186,44 @@ class Scheduler:
 
     # --- dispatch ----------------------------------------------------------------------------
     def dispatch(self) -> list[Any]:
-        """Give queued jobs to idle slots (highest priority first, FIFO within a class)."""
+        """Give queued jobs to slots with free places (highest priority first, FIFO within a
+        class). A batching worker takes up to its capacity; where all its places are taken,
+        a queued job of higher priority takes the place of the lowest-priority job there,
+        which pauses (`bumped`) and resumes once a place frees up for it."""
         self.dispatch_due = False
         if not self.stopping:
             now = self.clock()
+            open_slots = []
             for slot in self.slots:
-                if slot.state != SlotState.READY or slot.job is not None \
-                        or not slot.breaker.allows(now):
+                if slot.state not in ACCEPTING or not slot.breaker.allows(now):
                     continue
                 domain = self.domains[slot.domain]
-                job = domain.queue.pop()
-                if job is not None:
-                    self._start(slot, domain, job)
+                if slot.bumped:
+                    self._resume_bumped(slot, domain)
+                if slot.free > 0 and len(domain.queue):
+                    self._start(slot, domain, domain.queue.pop())
+                    if slot.free > 0:
+                        open_slots.append(slot)
+                elif slot.capacity > 1 and len(domain.queue):
+                    self._bump(slot, domain)
+            # further rounds spread a burst over a domain's batching workers, one job per
+            # slot per round, instead of filling the first one
+            while open_slots:
+                more = []
+                for slot in open_slots:
+                    domain = self.domains[slot.domain]
+                    if len(domain.queue) and slot.breaker.allows(now):
+                        self._start(slot, domain, domain.queue.pop())
+                        if slot.free > 0:
+                            more.append(slot)
+                open_slots = more
         if self.yields_to:
             self._preempt(self.clock())
         return self._take()
 
     def _start(self, slot: Slot, domain: Domain, job: Job) -> None:
-        slot.state, slot.job = SlotState.BUSY, job
+        slot.state = SlotState.BUSY
+        slot.jobs[job.task_id] = job
         slot.breaker.started()
         job.state, job.slot = JobState.RUNNING, slot
         job.started_at = self.wall()
@@ -213,6 +237,34 @@ class Scheduler:
             self._out.append(Signal(slot, job, WorkerMsg.PAUSE))
             domain.preemptions += 1
 
+    def _bump(self, slot: Slot, domain: Domain) -> None:
+        """A full batching slot: each queue head that outranks the slot's lowest-priority
+        running job takes its place (the latest started of that class: it has the least
+        work to lose). A slot holds at most `capacity` bumped jobs."""
+        while not domain.paused and slot.bumped < slot.capacity:
+            head = domain.queue.peek()
+            running = [j for j in slot.jobs.values() if not j.bumped]
+            victim = max(running, key=lambda j: (RANK[j.priority], j.seq), default=None)
+            if head is None or victim is None or \
+                    RANK[victim.priority] <= RANK[head.priority]:
+                return
+            victim.bumped = True
+            slot.bumped += 1
+            self._out.append(Signal(slot, victim, WorkerMsg.PAUSE))
+            self._start(slot, domain, domain.queue.pop())
+
+    def _resume_bumped(self, slot: Slot, domain: Domain) -> None:
+        """Bumped jobs take free places back before queued jobs they do not yield to."""
+        for job in sorted((j for j in slot.jobs.values() if j.bumped),
+                          key=lambda j: (RANK[j.priority], j.seq)):
+            head = domain.queue.peek()
+            if slot.free <= 0 or domain.paused or (
+                    head is not None and RANK[head.priority] < RANK[job.priority]):
+                return
+            job.bumped = False
+            slot.bumped -= 1
+            self._out.append(Signal(slot, job, WorkerMsg.RESUME))
+
     def _preempt(self, now: float) -> None:
         """Pause or resume batch work so realtime work on a shared device runs alone."""
         for name, rts in self.yields_to.items():
@@ -225,14 +277,15 @@ class Scheduler:
             batch.paused = paused
             op = WorkerMsg.PAUSE if paused else WorkerMsg.RESUME
             for job in batch.running:
-                if job.slot is not None:
+                if job.slot is not None and not job.bumped:
                     self._out.append(Signal(job.slot, job, op))
             if paused and batch.running:
                 batch.preemptions += 1
 
     # --- worker events -----------------------------------------------------------------------
-    def worker_ready(self, slot: Slot, warm_up: Any = None) -> list[Any]:
+    def worker_ready(self, slot: Slot, warm_up: Any = None, capacity: Any = 1) -> list[Any]:
         slot.state, slot.ready_since, slot.loaded = SlotState.READY, self.clock(), True
+        slot.capacity = capacity if isinstance(capacity, int) and capacity >= 1 else 1
         slot.load_failures = 0
         self.dispatch_due = True
         domain = self.domains[slot.domain]
@@ -269,8 +322,7 @@ class Scheduler:
 
     def running_job(self, slot: Slot, task_id: Any) -> Job | None:
         """The job a worker's message is about; None for a stray one (an ended job's id)."""
-        job = slot.job
-        return job if job is not None and job.task_id == task_id else None
+        return slot.jobs.get(task_id) if isinstance(task_id, str) else None
 
     def job_done(self, slot: Slot, task_id: Any, result: dict[str, Any] | None) -> list[Any]:
         job = self._release(slot, task_id)
@@ -297,20 +349,24 @@ class Scheduler:
 
     def _release(self, slot: Slot, task_id: Any) -> Job | None:
         # a stray message (not about the slot's job) must not free the slot under its job
-        job = self.running_job(slot, task_id)
+        job = slot.jobs.pop(task_id, None) if isinstance(task_id, str) else None
         if job is not None:
-            slot.job = None
+            if job.bumped:
+                slot.bumped -= 1
             if slot.state == SlotState.BUSY:
-                slot.state = SlotState.READY
+                if not slot.jobs:
+                    slot.state = SlotState.READY
                 self.dispatch_due = True
         return job
 
     def worker_lost(self, slot: Slot, reason: str, *, memory_mb: int | None = None) -> list[Any]:
         """A worker process died or was killed (`memory_mb`: by the memory watchdog, at that
         budget). Its supervisor already scheduled the restart."""
-        job, slot.job = slot.job, None
-        if job is not None and not job.finished:
+        jobs = [j for j in slot.jobs.values() if not j.finished]
+        slot.jobs, slot.bumped = {}, 0
+        if jobs:
             slot.breaker.failed(self.clock())
+        for job in jobs:  # a batching worker takes all of its jobs with it, each retried
             if memory_mb is not None:
                 outcome = failed(Code.MEMORY_LIMIT, f"the worker passed its memory budget of "
                                  f"{memory_mb} MB and was restarted")
@@ -422,6 +478,7 @@ class Scheduler:
             if job.state == JobState.QUEUED:
                 domain.queue.remove(job)
         job.slot, job.on_cancel, job.stop_by, job.paused = None, None, None, False
+        job.bumped = False
         if outcome.retry:
             job.state, job.progress = JobState.QUEUED, None
             domain.queue.push(job)

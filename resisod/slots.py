@@ -5,12 +5,13 @@ generation and the identity); the slot stays. Who writes what:
 - the supervisor: process, generation, identity, backoff and the STARTING / BACKOFF / FAILED
   / STOPPED states;
 - the worker link: LOADING, liveness (`last_seen`), `loaded`;
-- the scheduler: READY / BUSY, `job` and `breaker`.
+- the scheduler: READY / BUSY, `jobs`, `bumped` and `breaker`; `capacity` as the worker
+  reported it when ready.
 """
 from __future__ import annotations
 
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -18,7 +19,7 @@ class SlotState:
     STARTING = "starting"   # process spawned, not heard from yet
     LOADING = "loading"     # connected, engine loading
     READY = "ready"         # idle, can take a job
-    BUSY = "busy"           # running a job
+    BUSY = "busy"           # running one job or more (a batching worker may take more)
     BACKOFF = "backoff"     # died; waiting before the next start
     FAILED = "failed"       # engine could not load; retried after backoff
     STOPPED = "stopped"
@@ -38,7 +39,9 @@ class Slot:
     last_seen: float = 0.0
     started_at: float = 0.0
     ready_since: float | None = None
-    job: Any = None                      # the Job it runs
+    jobs: dict[str, Any] = field(default_factory=dict)  # task_id -> the Jobs it runs
+    capacity: int = 1                    # jobs it runs at once (a batching engine's places)
+    bumped: int = 0                      # of its jobs, those paused to give a place away
     crashes: int = 0                     # consecutive, reset once it stays ready a while
     load_failures: int = 0               # consecutive failed engine loads, reset when ready
     restart_at: float = 0.0
@@ -59,5 +62,15 @@ class Slot:
         return self.proc.pid if self.proc else None
 
     @property
+    def job(self) -> Any:
+        """The job of a one-job worker (the oldest one of a batching worker)."""
+        return next(iter(self.jobs.values()), None)
+
+    @property
+    def free(self) -> int:
+        """Places for more jobs: a job paused to give its place away holds none."""
+        return self.capacity - len(self.jobs) + self.bumped
+
+    @property
     def idle(self) -> bool:
-        return self.state == SlotState.READY and self.job is None
+        return self.state == SlotState.READY and not self.jobs

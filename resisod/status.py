@@ -27,6 +27,8 @@ def worker_view(slot: Slot, device: str, gpus: list[dict[str, Any]]) -> dict[str
         "vram_mb": devices.vram_mb(gpus, slot.pid) if gpus else None,
         "breaker": slot.breaker.view() if slot.breaker is not None else None,
         "job": slot.job.task_id if slot.job else None,
+        # a batching worker: its places, and the jobs it holds (bumped ones paused)
+        "capacity": slot.capacity, "jobs": list(slot.jobs), "bumped": slot.bumped,
         "restarts": slot.generation - 1, "last_error": slot.last_error, "loaded": slot.loaded,
     }
 

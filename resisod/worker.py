@@ -99,7 +99,8 @@ class Worker:
 
     def serve(self) -> int:
         from .engines import EngineContext, create
-        from .engines.base import EngineUnavailable
+        from .batch_worker import BatchLoop
+        from .engines.base import BatchEngine, EngineUnavailable
 
         self.send({"op": WorkerMsg.HELLO, "pid": os.getpid()})
         spec, domain = self.spec, self.spec["domain"]
@@ -116,14 +117,22 @@ class Worker:
             engine = create(domain, ectx)
             engine.load()
             warm_up = engine.warm_up()
+            batched = isinstance(engine, BatchEngine)
         except Exception as exc:  # the reason is shown in `resiso status`
             reason = str(exc) if isinstance(exc, EngineUnavailable) else \
                 f"{type(exc).__name__}: {exc}"
             self.send({"op": WorkerMsg.LOAD_FAILED, "reason": reason})
             time.sleep(0.1)  # let the frame leave before the process ends
             return 3
-        self.send({"op": WorkerMsg.READY, "capacity": 1, "warm_up": warm_up,
-                   "load_ms": (time.monotonic() - t0) * 1000, **self.cache_report()})
+        self.send({"op": WorkerMsg.READY, "capacity": engine.capacity if batched else 1,
+                   "warm_up": warm_up, "load_ms": (time.monotonic() - t0) * 1000,
+                   **self.cache_report()})
+        if batched:
+            def reload() -> Any:
+                fresh = create(domain, ectx)
+                fresh.load()
+                return fresh
+            return BatchLoop(self, engine, reload).serve()
         keep_alive = domain.get("keep_alive_s") or None
         loaded = True
         sock, rcvtimeo = self.sock, -1

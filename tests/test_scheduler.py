@@ -450,3 +450,89 @@ def test_a_worker_failing_job_after_job_is_taken_out_then_given_one_trial():
     sched.dispatch()
     sched.job_failed(d.slot, d.task_id, Code.BAD_REQUEST, "bad input")
     assert bad.breaker.failures == 0 and good.breaker.failures == 0
+
+
+def batching(capacity: int, workers: int = 1):
+    sched, clock, slots = make({"m": {"kind": "llm", "model": "builtin:smollm2-135m-instruct",
+                                      "workers": workers}}, ready=False)
+    for s in slots["m"]:
+        sched.worker_ready(s, None, capacity)
+    return sched, clock, slots["m"]
+
+
+def test_a_batching_worker_takes_up_to_its_capacity_and_a_burst_is_spread():
+    sched, _, (a, b) = batching(3, workers=2)
+    jobs = [admit(sched, "m") for _ in range(7)]
+    effects = sched.dispatch()
+    # one job per worker per round: a, b, a, b, a, b; the seventh waits
+    assert [(e.slot, e.job) for e in of(effects, Start)] == \
+        list(zip([a, b, a, b, a, b], jobs[:6]))
+    assert len(a.jobs) == len(b.jobs) == 3 and a.free == b.free == 0
+    assert a.state == SlotState.BUSY and sched.position(jobs[6]) >= 0
+    # a job ends: its place goes to the queued one, on that worker
+    sched.job_done(a, jobs[0].task_id, {})
+    assert a.state == SlotState.BUSY and a.free == 1
+    assert [(e.slot, e.job) for e in of(sched.dispatch(), Start)] == [(a, jobs[6])]
+    # all of a worker's jobs end: it is ready again
+    for job in list(b.jobs.values()):
+        sched.job_done(b, job.task_id, {})
+    assert b.state == SlotState.READY and b.idle
+
+
+def test_a_worker_crash_retries_every_job_it_held():
+    sched, _, (slot,) = batching(4)
+    jobs = [admit(sched, "m") for _ in range(4)]
+    sched.dispatch()
+    effects = sched.worker_lost(slot, "killed")
+    assert [e.job for e in of(effects, Requeued)] == jobs
+    assert all(j.state == JobState.QUEUED and j.slot is None for j in jobs)
+    assert slot.jobs == {} and slot.bumped == 0
+    assert not of(effects, Ended)
+
+
+def test_a_higher_priority_job_takes_the_place_of_the_lowest_running_one():
+    sched, _, (slot,) = batching(2)
+    normal = admit(sched, "m", priority="normal")
+    early, late = admit(sched, "m", priority="batch"), admit(sched, "m", priority="batch")
+    sched.dispatch()
+    assert set(slot.jobs) == {normal.task_id, early.task_id}
+    sched.job_done(slot, normal.task_id, {})
+    sched.dispatch()
+    assert set(slot.jobs) == {early.task_id, late.task_id}
+    # a realtime job arrives at a full slot: the batch job started last pauses for it
+    rt = admit(sched, "m", priority="realtime")
+    effects = sched.dispatch()
+    assert [(s.job, s.op) for s in of(effects, Signal)] == [(late, WorkerMsg.PAUSE)]
+    assert started(effects) == [rt.task_id]
+    assert late.bumped and slot.bumped == 1 and slot.free == 0 and len(slot.jobs) == 3
+    # a job of the same class as the running ones does not bump anyone
+    other = admit(sched, "m", priority="batch")
+    assert sched.dispatch() == []
+    # the realtime job ends: the bumped job resumes before the queued one of its class
+    sched.job_done(slot, rt.task_id, {})
+    effects = sched.dispatch()
+    assert [(s.job, s.op) for s in of(effects, Signal)] == [(late, WorkerMsg.RESUME)]
+    assert not of(effects, Start) and not late.bumped and slot.bumped == 0
+    sched.job_done(slot, early.task_id, {})
+    assert started(sched.dispatch()) == [other.task_id]
+
+
+def test_a_queued_job_that_outranks_a_bumped_one_keeps_its_place():
+    sched, _, (slot,) = batching(1 + 1)
+    a, b = admit(sched, "m", priority="batch"), admit(sched, "m", priority="batch")
+    sched.dispatch()
+    rt1, rt2 = admit(sched, "m", priority="realtime"), admit(sched, "m", priority="realtime")
+    effects = sched.dispatch()
+    # both places go to the realtime jobs; both batch jobs pause
+    assert started(effects) == [rt1.task_id, rt2.task_id]
+    assert {s.job for s in of(effects, Signal)} == {a, b} and slot.bumped == 2
+    rt3 = admit(sched, "m", priority="realtime")
+    assert sched.dispatch() == []            # no more than `capacity` bumped jobs
+    sched.job_done(slot, rt1.task_id, {})
+    # the queued realtime job outranks the bumped ones: it takes the freed place
+    effects = sched.dispatch()
+    assert started(effects) == [rt3.task_id] and not of(effects, Signal)
+    # a cancelled bumped job leaves its slot's count right
+    sched.cancel(a)
+    sched.job_failed(slot, a.task_id, Code.CANCELLED, "cancelled")
+    assert slot.bumped == 1 and a.state == JobState.CANCELLED

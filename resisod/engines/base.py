@@ -110,3 +110,53 @@ class Engine:
 
     def unload(self) -> None:
         """Free the model (idle unload); `load` is called again before the next job."""
+
+
+Outcome = Any  # a result dict, or the exception that ended the job (Cancelled, JobError, ...)
+
+
+class BatchEngine(Engine):
+    """An engine that runs several jobs at once (continuous batching).
+
+    The worker owns the loop: between two `step()` calls it reads the daemon's messages,
+    hands new jobs to `add` and sets the cancel / pause flags of running ones on their
+    `JobControl`. The engine reads those flags at each step and never polls the socket
+    itself (`JobControl.checkpoint` is for one-job engines). One step advances every job
+    that is neither paused nor ended by one unit (a token for an LLM), so a job added
+    between steps joins the very next one.
+
+    Pause frees a place: a paused job keeps what it needs to go on (its token history, its
+    KV state where memory allows), and the engine emits `paused` when it has stopped it and
+    `resumed` when it runs again. `capacity` bounds the jobs that are not paused.
+    """
+
+    capacity = 1
+
+    def add(self, params: dict[str, Any], job: JobControl) -> None:
+        """Take a new job; it starts at the next step. Raise JobError to refuse it (the
+        worker reports the error; the other jobs are untouched)."""
+        raise NotImplementedError
+
+    def step(self) -> list[tuple[JobControl, Outcome]]:
+        """Advance the running jobs by one unit; return those that ended, each with its
+        result dict or the exception that ended it (Cancelled for a cancel)."""
+        raise NotImplementedError
+
+    def pending(self) -> bool:
+        """Whether `step()` has anything to do now: a job to advance, a cancel or a pause
+        to act on. False while every job is paused (the worker then waits for messages)."""
+        raise NotImplementedError
+
+    def jobs(self) -> int:
+        """Jobs held, paused ones included."""
+        raise NotImplementedError
+
+    def run(self, params: dict[str, Any], job: JobControl) -> dict[str, Any]:
+        """One job on its own, through the batch loop (warm-up, tools)."""
+        self.add(params, job)
+        while True:
+            for control, outcome in self.step():
+                if control is job:
+                    if isinstance(outcome, BaseException):
+                        raise outcome
+                    return outcome

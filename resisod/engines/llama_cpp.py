@@ -1,18 +1,67 @@
-"""LLM engine on llama-cpp-python: GGUF models, chat template from the model, token streaming."""
+"""LLM engine on llama.cpp (llama-cpp-python's low-level API): GGUF models, the model's own
+chat template, continuous batching.
+
+Several chat jobs decode together: every step is one `llama_decode` holding one token of
+each running sequence plus prompt chunks of the ones just admitted, so a new request joins
+between two tokens of the others instead of waiting for them to finish.
+
+Each sequence lives in a KV stream of its own (`kv_unified = false`). That is what keeps an
+answer independent of its neighbours: with one shared cache the attention sums run over
+cells of other sequences and the rounding (and, greedily, the answer) changes with the
+batch. A stream also remembers the tokens it last held, which is the prompt cache: a new
+sequence takes the free stream sharing the longest prefix with its prompt, or a copy of a
+busy one's, and evaluates only the rest.
+"""
 from __future__ import annotations
 
+import ctypes
+import json
 import os
 import time
+from collections import deque
 from typing import Any
 
 from .. import builtin
 from ..protocol import Code
-from .base import Engine, EngineUnavailable, JobControl, JobError
-from .llm_common import (StopText, Utf8Text, chat_messages, finish_stats,
-                         shared_answer)
+from .base import BatchEngine, Cancelled, EngineUnavailable, JobControl, JobError
+from .batch_plan import Stream, common_prefix, pick_stream
+from .llm_common import StopText, Utf8Text, chat_messages, finish_stats, repeatable
+
+# tokens evaluated per step: prompts longer than this are taken in chunks, so the running
+# sequences keep getting a token every step while a long prompt is read
+STEP_TOKENS = 512
+# KV state kept in memory for paused sequences; past it a paused one is recomputed later
+SAVED_LIMIT = 256 << 20
 
 
-class LlamaCppEngine(Engine):
+def parallel_slots(domain: dict[str, Any], device: str) -> int:
+    """Sequences decoded at once: the domain's `parallel`, else 4 on a CPU (a core gains
+    little from wider batches) and 16 on a GPU (batching is what fills it)."""
+    return domain.get("parallel") or (4 if device == "cpu" else 16)
+
+
+class Sequence:
+    """One job's generation: its token history, sampler, stream and text state."""
+
+    def __init__(self, control: JobControl, params: dict[str, Any], prompt: list[int],
+                 stops: list[str], max_tokens: int, sampler: Any, cache_key: str | None):
+        self.control, self.params, self.sampler = control, params, sampler
+        self.prompt_len = len(prompt)
+        self.history = list(prompt)       # prompt + generated tokens
+        self.n_past = 0                   # tokens of `history` in the stream's KV
+        self.stream: Stream | None = None
+        self.saved: Any = None            # KV state while paused (ctypes buffer)
+        self.paused = False
+        self.max_tokens = max_tokens
+        self.generated = 0
+        self.utf8, self.out = Utf8Text(), StopText(stops)
+        self.t0 = time.perf_counter()
+        self.ttft: float | None = None
+        self.cache_key = cache_key
+        self.logit_index = -1             # its row of logits in the step being decoded
+
+
+class LlamaCppEngine(BatchEngine):
     kind = "llm"
 
     def load(self) -> None:
@@ -26,36 +75,64 @@ class LlamaCppEngine(Engine):
             raise EngineUnavailable(f"model file {path} is not readable")
         try:
             import llama_cpp
+            from llama_cpp import _internals, _logger
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
         except ImportError as exc:
             raise EngineUnavailable(f"llama-cpp-python is not installed: {exc}")
-        gpu_layers = 0
-        if self.ctx.device != "cpu" and llama_cpp.llama_supports_gpu_offload():
+        self.L = L = llama_cpp
+        _logger.set_verbose(False)  # llama.cpp's own log: errors only, in the worker's log
+        mparams = L.llama_model_default_params()
+        if self.ctx.device != "cpu" and L.llama_supports_gpu_offload():
             # the domain's GPU share bounds what we offload only through the layer count;
             # llama.cpp has no per-process memory fraction
-            gpu_layers = self.domain["gpu_layers"]
+            mparams.n_gpu_layers = self.domain["gpu_layers"]
+        else:
+            mparams.n_gpu_layers = 0
         try:
-            self.llm = llama_cpp.Llama(
-                model_path=path, n_ctx=self.domain["context_size"],
-                n_threads=self.ctx.threads, n_threads_batch=self.ctx.threads,
-                n_gpu_layers=gpu_layers, verbose=False)
+            self.model = _internals.LlamaModel(path_model=path, params=mparams, verbose=False)
         except Exception as exc:  # llama.cpp reports unreadable files as ValueError
             raise EngineUnavailable(f"cannot load {path}: {exc}")
+        self.capacity = parallel_slots(self.domain, self.ctx.device)
+        self.n_ctx = self.domain["context_size"]
+        cp = L.llama_context_default_params()
+        cp.n_ctx = self.n_ctx * self.capacity     # split evenly over the streams
+        cp.n_seq_max = self.capacity
+        cp.kv_unified = False
+        cp.n_batch = cp.n_ubatch = STEP_TOKENS
+        cp.n_threads = cp.n_threads_batch = self.ctx.threads
+        self.lctx = L.llama_init_from_model(self.model.model, cp)
+        if not self.lctx:
+            self.model.close()
+            raise EngineUnavailable(f"cannot create a context of {cp.n_ctx} tokens for "
+                                    f"{self.capacity} sequences (context_size x parallel)")
+        self.mem = L.llama_get_memory(self.lctx)
+        self.batch = L.llama_batch_init(STEP_TOKENS, 0, 1)
         self.path = path
-        template = self.llm.metadata.get("tokenizer.chat_template")
-        eos, bos = self.llm.token_eos(), self.llm.token_bos()
-        eos_text = self.llm._model.token_get_text(eos) if eos != -1 else ""
-        bos_text = self.llm._model.token_get_text(bos) if bos != -1 else ""
-        self.formatter = Jinja2ChatFormatter(template=template, eos_token=eos_text,
-                                             bos_token=bos_text) if template else None
-        self.eos_id = eos
-        vocab = self.llm._model.vocab
-        self.is_eog = lambda token: bool(llama_cpp.llama_vocab_is_eog(vocab, token))
+        meta = self.model.metadata()
+        template = meta.get("tokenizer.chat_template")
+        eos, bos = self.model.token_eos(), self.model.token_bos()
+        self.formatter = Jinja2ChatFormatter(
+            template=template, eos_token=self.model.token_get_text(eos) if eos != -1 else "",
+            bos_token=self.model.token_get_text(bos) if bos != -1 else "") \
+            if template else None
+        vocab = self.model.vocab
+        self.is_eog = lambda token: bool(L.llama_vocab_is_eog(vocab, token))
+        self.streams = [Stream(i) for i in range(self.capacity)]
+        self.waiting: deque[Sequence] = deque()   # admitted or resumed, without a stream
+        self.running: list[Sequence] = []
+        self.held: list[Sequence] = []            # paused: no stream
+        self.ended: list[tuple[JobControl, Any]] = []
+        self.saved_bytes = 0
 
     def unload(self) -> None:
-        self.llm.close()
-        del self.llm
+        for seq in [*self.waiting, *self.running, *self.held]:
+            self._free_sampler(seq)
+        self.L.llama_batch_free(self.batch)
+        self.L.llama_free(self.lctx)
+        self.model.close()
+        del self.model, self.lctx
 
+    # --- admission ---------------------------------------------------------------------------
     def _prompt_tokens(self, messages: list[dict[str, str]]) -> tuple[list[int], list[str]]:
         if self.formatter is not None:
             res = self.formatter(messages=messages)
@@ -63,60 +140,237 @@ class LlamaCppEngine(Engine):
         else:  # a model without a template: plain role-prefixed turns
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
             stop, special = ["\nuser:"], False
-        tokens = self.llm.tokenize(text.encode("utf-8"), add_bos=not special, special=True)
+        tokens = self.model.tokenize(text.encode("utf-8"), add_bos=not special, special=True)
         return tokens, list(stop) if isinstance(stop, list) else [stop]
 
-    def run(self, params: dict[str, Any], job: JobControl) -> dict[str, Any]:
-        return shared_answer(self, params, job, lambda: self.generate(params, job))
-
-    def generate(self, params: dict[str, Any], job: JobControl) -> dict[str, Any]:
-        messages = chat_messages(params)
-        tokens, template_stop = self._prompt_tokens(messages)
-        n_ctx = self.llm.n_ctx()
-        if len(tokens) >= n_ctx:
+    def add(self, params: dict[str, Any], job: JobControl) -> None:
+        key = self._cache_key(params)
+        if key is not None and self._answer_from_cache(key, job):
+            return
+        tokens, template_stop = self._prompt_tokens(chat_messages(params))
+        if len(tokens) >= self.n_ctx:
             raise JobError(Code.CONTEXT_OVERFLOW, f"the prompt is {len(tokens)} tokens; the "
-                           f"context holds {n_ctx} (domains.<name>.context_size)")
-        max_tokens = min(params["max_tokens"], n_ctx - len(tokens))
-        greedy = params["temperature"] == 0
-        if greedy or params["seed"] is not None:
-            # reusing the cached prompt prefix evaluates the prompt in different batches,
-            # which moves logits by rounding error: a repeatable answer needs a clean context
-            self.llm.reset()
+                           f"context holds {self.n_ctx} (domains.<name>.context_size)")
+        max_tokens = min(params["max_tokens"], self.n_ctx - len(tokens))
+        seq = Sequence(job, params, tokens, params["stop"] + template_stop, max_tokens,
+                       self._sampler(params), key)
+        self.waiting.append(seq)
+
+    def _sampler(self, params: dict[str, Any]) -> Any:
+        L = self.L
+        chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        if params["temperature"] == 0:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
+            return chain
+        # the settings llama-cpp-python's completion API uses, each sequence with its own
+        # random state: a seeded answer does not depend on what it is batched with
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_k(params["top_k"]))
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_p(params["top_p"], 1))
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_min_p(0.05, 1))
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(params["temperature"]))
+        seed = params["seed"] if params["seed"] is not None else L.LLAMA_DEFAULT_SEED
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed))
+        return chain
+
+    def _free_sampler(self, seq: Sequence) -> None:
+        if seq.sampler is not None:
+            self.L.llama_sampler_free(seq.sampler)
+            seq.sampler = None
+
+    # --- the shared result cache (several daemons) ---------------------------------------------
+    def _cache_key(self, params: dict[str, Any]) -> str | None:
+        if self.ctx.shared_cache is None or not repeatable(params):
+            return None
+        from .result_cache import digest
+        d = self.domain
+        return digest("llm", d["engine"], d["model"], d["context_size"], params)
+
+    def _answer_from_cache(self, key: str, job: JobControl) -> bool:
         t0 = time.perf_counter()
-        # the token loop is ours rather than create_completion's stream: that one decodes the
-        # tokens it still holds back at the end one at a time with errors="ignore", which
-        # loses a character split across them (say, the start of a Chinese stop string).
-        # The sampler settings are the ones create_completion passes: answers stay the same.
-        self.llm.set_seed(params["seed"] if params["seed"] is not None else -1)
-        gen = self.llm.generate(
-            tokens, temp=params["temperature"], top_p=1.0 if greedy else params["top_p"],
-            top_k=1 if greedy else params["top_k"], min_p=0.05, typical_p=1.0,
-            repeat_penalty=1.0)
-        utf8, out = Utf8Text(), StopText(params["stop"] + template_stop)
-        n, ttft, finish = 0, None, "length"
+        raw = self.ctx.shared_cache.get(key)
+        if raw is None:
+            return False
         try:
-            for token in gen:
-                job.checkpoint()
-                if self.is_eog(token):
-                    finish = "stop"
-                    break
+            result = json.loads(raw)
+            text = result["result"]
+        except (ValueError, TypeError, KeyError):
+            return False  # not one of ours: generate instead
+        if text:
+            job.emit("token", text=text)
+        ms = round((time.perf_counter() - t0) * 1000, 2)
+        self.ended.append((job, {**result, "cached": True, "ttft_ms": ms,
+                                 "generation_time_ms": ms}))
+        return True
+
+    # --- the loop ------------------------------------------------------------------------------
+    def pending(self) -> bool:
+        if self.ended or self.waiting or self.running:
+            return True
+        return any(s.control.cancelled.is_set() or not s.control.paused for s in self.held)
+
+    def jobs(self) -> int:
+        return len(self.waiting) + len(self.running) + len(self.held)
+
+    def step(self) -> list[tuple[JobControl, Any]]:
+        self._apply_controls()
+        self._place_waiting()
+        if self.running:
+            self._decode()
+        ended, self.ended = self.ended, []
+        return ended
+
+    def _end(self, seq: Sequence, outcome: Any) -> None:
+        for group in (self.running, self.held):
+            if seq in group:
+                group.remove(seq)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        self._release(seq)
+        if seq.saved is not None:
+            self.saved_bytes -= len(seq.saved)
+            seq.saved = None
+        self._free_sampler(seq)
+        self.ended.append((seq.control, outcome))
+
+    def _release(self, seq: Sequence) -> None:
+        """Free its stream, which keeps the tokens it holds for the next prompt."""
+        if seq.stream is not None:
+            seq.stream.release(seq.history[:seq.n_past])
+            seq.stream = None
+
+    def _apply_controls(self) -> None:
+        for seq in [*self.waiting, *self.running, *self.held]:
+            if seq.control.cancelled.is_set():
+                self._end(seq, Cancelled())
+        for seq in [s for s in self.running if s.control.paused]:
+            self._pause(seq)
+        for seq in [s for s in self.waiting if s.control.paused and s.stream is None]:
+            self.waiting.remove(seq)  # paused before it ever ran
+            self.held.append(seq)
+            seq.paused = True
+            seq.control.emit("paused")
+        for seq in [s for s in self.held if not s.control.paused]:
+            self.held.remove(seq)
+            self.waiting.append(seq)
+
+    def _pause(self, seq: Sequence) -> None:
+        """Stop it and give its stream away; keep its KV state if memory allows, so it goes
+        on later without evaluating its history again."""
+        L = self.L
+        self.running.remove(seq)
+        sid = seq.stream.index
+        size = L.llama_state_seq_get_size(self.lctx, sid)
+        if self.saved_bytes + size <= SAVED_LIMIT:
+            buf = (ctypes.c_uint8 * size)()
+            if L.llama_state_seq_get_data(self.lctx, buf, size, sid) == size:
+                seq.saved = buf
+                self.saved_bytes += size
+        self._release(seq)
+        seq.paused = True
+        self.held.append(seq)
+        seq.control.emit("paused")
+
+    def _place_waiting(self) -> None:
+        while self.waiting:
+            free = [s for s in self.streams if s.seq is None]
+            if not free:
+                return
+            seq = self.waiting.popleft()
+            self._place(seq, free)
+
+    def _place(self, seq: Sequence, free: list[Stream]) -> None:
+        """Give `seq` a stream holding as much of its history as can be had cheaply."""
+        L, mem = self.L, self.mem
+        dst, src, shared = pick_stream(self.streams, free, seq.history)
+        if seq.saved is not None and shared < seq.n_past:
+            # its saved state beats what the streams still hold
+            L.llama_memory_seq_rm(mem, dst.index, -1, -1)
+            size = len(seq.saved)
+            if L.llama_state_seq_set_data(self.lctx, seq.saved, size, dst.index) != size:
+                raise RuntimeError("restoring a paused sequence's KV state failed")
+            shared, src = seq.n_past, None
+        elif src is not None:
+            # a whole-stream copy (the only kind llama.cpp makes between streams), then the
+            # tail past the shared prefix is dropped
+            L.llama_memory_seq_rm(mem, dst.index, -1, -1)
+            L.llama_memory_seq_cp(mem, src.index, dst.index, -1, -1)
+        # at least the last token is evaluated again: its logits give the next token
+        shared = min(shared, len(seq.history) - 1)
+        L.llama_memory_seq_rm(mem, dst.index, shared, -1)
+        if seq.saved is not None:
+            self.saved_bytes -= len(seq.saved)
+            seq.saved = None
+        seq.n_past = shared
+        seq.stream = dst
+        dst.take(seq)
+        self.running.append(seq)
+        if seq.paused:
+            seq.paused = False
+            seq.control.emit("resumed")
+
+    def _decode(self) -> None:
+        """One llama_decode: the next token of every decoding sequence first, then prompt
+        chunks in arrival order up to STEP_TOKENS."""
+        L, batch = self.L, self.batch
+        n, room = 0, STEP_TOKENS
+        token, pos, seq_id, n_seq_id, logits = (batch.token, batch.pos, batch.seq_id,
+                                                batch.n_seq_id, batch.logits)
+        fed: list[tuple[Sequence, int]] = []
+        for seq in sorted(self.running, key=lambda s: len(s.history) - s.n_past > 1):
+            left = len(seq.history) - seq.n_past
+            take = min(left, room)
+            if take <= 0:
+                seq.logit_index = -1
+                continue
+            sid = seq.stream.index
+            for i in range(seq.n_past, seq.n_past + take):
+                token[n], pos[n], n_seq_id[n], logits[n] = seq.history[i], i, 1, 0
+                seq_id[n][0] = sid
                 n += 1
-                piece = out.feed(utf8.feed(self.llm.detokenize([token])))
-                if piece:
-                    if ttft is None:
-                        ttft = time.perf_counter() - t0
-                    job.emit("token", text=piece)
-                if out.stopped:
-                    finish = "stop"
-                    break
-                if n >= max_tokens:
-                    break
-        finally:
-            gen.close()
-        # bytes of a character max_tokens cut short stay out of the answer (utf8 holds them)
-        piece = out.flush()
+            room -= take
+            done = take == left
+            if done:
+                logits[n - 1] = 1
+            seq.logit_index = n - 1 if done else -1
+            fed.append((seq, take))
+        batch.n_tokens = n
+        rc = L.llama_decode(self.lctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed ({rc}) with {n} tokens of "
+                               f"{len(fed)} sequences")
+        for seq, take in fed:
+            seq.n_past += take
+            if seq.logit_index >= 0:
+                self._next_token(seq)
+
+    def _next_token(self, seq: Sequence) -> None:
+        L = self.L
+        tok = L.llama_sampler_sample(seq.sampler, self.lctx, seq.logit_index)
+        if self.is_eog(tok):
+            self._finish(seq, "stop")
+            return
+        seq.generated += 1
+        seq.history.append(tok)
+        piece = seq.out.feed(seq.utf8.feed(self.model.token_to_piece(tok)))
         if piece:
-            if ttft is None:
-                ttft = time.perf_counter() - t0
-            job.emit("token", text=piece)
-        return finish_stats(out.text, finish, len(tokens), n, ttft, t0)
+            if seq.ttft is None:
+                seq.ttft = time.perf_counter() - seq.t0
+            seq.control.emit("token", text=piece)
+        if seq.out.stopped:
+            self._finish(seq, "stop")
+        elif seq.generated >= seq.max_tokens:
+            self._finish(seq, "length")
+
+    def _finish(self, seq: Sequence, finish: str) -> None:
+        # bytes of a character max_tokens cut short stay out of the answer (utf8 holds them)
+        piece = seq.out.flush()
+        if piece:
+            if seq.ttft is None:
+                seq.ttft = time.perf_counter() - seq.t0
+            seq.control.emit("token", text=piece)
+        # the stream keeps the sampled token's history except the last (never evaluated)
+        result = finish_stats(seq.out.text, finish, seq.prompt_len, seq.generated, seq.ttft,
+                              seq.t0)
+        if seq.cache_key is not None:
+            self.ctx.shared_cache.put(seq.cache_key, json.dumps(result).encode())
+        self._end(seq, result)
