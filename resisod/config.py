@@ -214,6 +214,9 @@ DOMAIN_KIND: dict[str, dict[str, Key]] = {
         "dtype": Key("auto", _str(("auto", "fp32", "fp16", "bf16"))),
         "gpu_layers": Key(-1, _int(-1)),
         "model_name": Key("", _str()),
+        # sequences one worker decodes at once (continuous batching); 0: 4 on a CPU, 16 on
+        # a GPU. Each holds context_size tokens of KV memory.
+        "parallel": Key(0, _int(0, 256)),
     },
     "tts": {
         "voice": Key("", _str()),
