@@ -86,7 +86,7 @@ class BatchLoop:
         if op == WorkerMsg.SHUTDOWN:
             self.worker.stopping = True
         elif op == WorkerMsg.RUN:
-            self._add(task_id, msg["params"])
+            self._add(task_id, msg["params"], msg.get("priority", "normal"))
         elif (control := self.controls.get(task_id)) is not None:
             if op == WorkerMsg.CANCEL:
                 control.cancel()
@@ -95,7 +95,7 @@ class BatchLoop:
             elif op == WorkerMsg.RESUME:
                 control.resume()
 
-    def _add(self, task_id: str, params: dict[str, Any]) -> None:
+    def _add(self, task_id: str, params: dict[str, Any], priority: str) -> None:
         if not self.loaded:
             try:
                 self.engine = self.reload()
@@ -112,7 +112,7 @@ class BatchLoop:
             sock.send(pack({"op": WorkerMsg.PARTIAL, "task_id": task_id,
                             "event": event, **fields}))
 
-        control = JobControl(task_id, emit)
+        control = JobControl(task_id, emit, priority=priority)
         try:
             self.engine.add(params, control)
         except Exception as exc:  # refused (context_overflow, ...): the others go on

@@ -116,7 +116,8 @@ class WorkerLink:
 
     def run(self, slot: Slot, job: Job) -> None:
         self.send_now(slot, {"op": WorkerMsg.RUN, "task_id": job.task_id,
-                             "params": job.params, "attempt": job.attempts})
+                             "params": job.params, "attempt": job.attempts,
+                             "priority": job.priority})
 
     def signal(self, slot: Slot, job: Job, op: str) -> None:
         self.send_now(slot, {"op": op, "task_id": job.task_id})

@@ -50,8 +50,10 @@ class JobControl:
     """
 
     def __init__(self, task_id: str, emit: Callable[[str, dict[str, Any]], None],
-                 poll: Callable[["JobControl", float], None] | None = None):
+                 poll: Callable[["JobControl", float], None] | None = None,
+                 priority: str = "normal"):
         self.task_id = task_id
+        self.priority = priority  # a batching engine serves higher classes first
         self._emit = emit
         self._poll = poll
         self.cancelled = threading.Event()

@@ -60,3 +60,15 @@ def pick_stream(streams: list[Stream], free: list[Stream],
         dst = min(free, key=lambda s: s.freed_at)
         return dst, best, best.shared(history)
     return best_free, None, own
+
+
+def worth_waiting(streams: list[Stream], prefilling: list[Any], history: Sequence[int]) -> bool:
+    """Whether a new sequence should wait a step for a prefix another one is evaluating
+    right now. Requests sent together mostly share their start (the chat template's system
+    prompt, a common instruction); placed in the same step each would evaluate it once more.
+    Waiting a step and then copying costs the leader's prefill, which it would have paid
+    alongside anyway."""
+    have = max(s.shared(history) for s in streams)
+    coming = max((common_prefix(o.history, history, len(o.history)) for o in prefilling),
+                 default=0)
+    return coming - have >= COPY_MIN_TOKENS

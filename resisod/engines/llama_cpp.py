@@ -15,23 +15,24 @@ busy one's, and evaluates only the rest.
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import time
 from collections import deque
 from typing import Any
 
 from .. import builtin
-from ..protocol import Code
+from ..protocol import PRIORITY_ORDER, Code
 from .base import BatchEngine, Cancelled, EngineUnavailable, JobControl, JobError
-from .batch_plan import Stream, common_prefix, pick_stream
-from .llm_common import StopText, Utf8Text, chat_messages, finish_stats, repeatable
+from .batch_plan import Stream, pick_stream, worth_waiting
+from .llm_common import (StopText, Utf8Text, cached_answer, chat_messages, finish_stats,
+                         replay, share)
 
 # tokens evaluated per step: prompts longer than this are taken in chunks, so the running
 # sequences keep getting a token every step while a long prompt is read
 STEP_TOKENS = 512
 # KV state kept in memory for paused sequences; past it a paused one is recomputed later
 SAVED_LIMIT = 256 << 20
+RANK = {p: i for i, p in enumerate(PRIORITY_ORDER)}  # lower is more urgent
 
 
 def parallel_slots(domain: dict[str, Any], device: str) -> int:
@@ -59,6 +60,7 @@ class Sequence:
         self.ttft: float | None = None
         self.cache_key = cache_key
         self.logit_index = -1             # its row of logits in the step being decoded
+        self.rank = RANK.get(control.priority, 1)
 
 
 class LlamaCppEngine(BatchEngine):
@@ -144,8 +146,9 @@ class LlamaCppEngine(BatchEngine):
         return tokens, list(stop) if isinstance(stop, list) else [stop]
 
     def add(self, params: dict[str, Any], job: JobControl) -> None:
-        key = self._cache_key(params)
-        if key is not None and self._answer_from_cache(key, job):
+        key, hit = cached_answer(self, params)
+        if hit is not None:
+            self.ended.append((job, replay(hit, job, time.perf_counter())))
             return
         tokens, template_stop = self._prompt_tokens(chat_messages(params))
         if len(tokens) >= self.n_ctx:
@@ -176,31 +179,6 @@ class LlamaCppEngine(BatchEngine):
         if seq.sampler is not None:
             self.L.llama_sampler_free(seq.sampler)
             seq.sampler = None
-
-    # --- the shared result cache (several daemons) ---------------------------------------------
-    def _cache_key(self, params: dict[str, Any]) -> str | None:
-        if self.ctx.shared_cache is None or not repeatable(params):
-            return None
-        from .result_cache import digest
-        d = self.domain
-        return digest("llm", d["engine"], d["model"], d["context_size"], params)
-
-    def _answer_from_cache(self, key: str, job: JobControl) -> bool:
-        t0 = time.perf_counter()
-        raw = self.ctx.shared_cache.get(key)
-        if raw is None:
-            return False
-        try:
-            result = json.loads(raw)
-            text = result["result"]
-        except (ValueError, TypeError, KeyError):
-            return False  # not one of ours: generate instead
-        if text:
-            job.emit("token", text=text)
-        ms = round((time.perf_counter() - t0) * 1000, 2)
-        self.ended.append((job, {**result, "cached": True, "ttft_ms": ms,
-                                 "generation_time_ms": ms}))
-        return True
 
     # --- the loop ------------------------------------------------------------------------------
     def pending(self) -> bool:
@@ -271,11 +249,15 @@ class LlamaCppEngine(BatchEngine):
         seq.control.emit("paused")
 
     def _place_waiting(self) -> None:
-        while self.waiting:
+        for seq in list(self.waiting):
             free = [s for s in self.streams if s.seq is None]
             if not free:
                 return
-            seq = self.waiting.popleft()
+            prefilling = [o for o in self.running if o.n_past < len(o.history) - 1]
+            if seq.saved is None and prefilling and \
+                    worth_waiting(self.streams, prefilling, seq.history):
+                continue  # its prefix is being evaluated: copy it next step
+            self.waiting.remove(seq)
             self._place(seq, free)
 
     def _place(self, seq: Sequence, free: list[Stream]) -> None:
@@ -310,16 +292,20 @@ class LlamaCppEngine(BatchEngine):
 
     def _decode(self) -> None:
         """One llama_decode: the next token of every decoding sequence first, then prompt
-        chunks in arrival order up to STEP_TOKENS."""
+        chunks in arrival order up to STEP_TOKENS. A step that reads the prompt of a
+        sequence leaves out the sequences of lower priority: a realtime request's first
+        token does not wait for the batch jobs' next ones."""
         L, batch = self.L, self.batch
         n, room = 0, STEP_TOKENS
+        limit = min((s.rank for s in self.running if len(s.history) - s.n_past > 1),
+                    default=len(RANK))
         token, pos, seq_id, n_seq_id, logits = (batch.token, batch.pos, batch.seq_id,
                                                 batch.n_seq_id, batch.logits)
         fed: list[tuple[Sequence, int]] = []
         for seq in sorted(self.running, key=lambda s: len(s.history) - s.n_past > 1):
             left = len(seq.history) - seq.n_past
             take = min(left, room)
-            if take <= 0:
+            if take <= 0 or seq.rank > limit:
                 seq.logit_index = -1
                 continue
             sid = seq.stream.index
@@ -372,5 +358,5 @@ class LlamaCppEngine(BatchEngine):
         result = finish_stats(seq.out.text, finish, seq.prompt_len, seq.generated, seq.ttft,
                               seq.t0)
         if seq.cache_key is not None:
-            self.ctx.shared_cache.put(seq.cache_key, json.dumps(result).encode())
+            share(self, seq.cache_key, result)
         self._end(seq, result)

@@ -126,34 +126,37 @@ def repeatable(params: dict[str, Any]) -> bool:
     return params["temperature"] == 0 or params.get("seed") is not None
 
 
-def shared_answer(engine: Any, params: dict[str, Any], job: Any,
-                  generate: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """`generate()`, or a repeatable request's answer from the cache shared between daemons,
-    streamed as one `token` event so a client sees a hit the way it sees a generation."""
+def cached_answer(engine: Any, params: dict[str, Any]) -> tuple[str | None, dict | None]:
+    """(the key a repeatable request's answer goes under in the cache shared between
+    daemons, the answer found there); (None, None) when nothing is shared for it."""
     shared = engine.ctx.shared_cache
     if shared is None or not repeatable(params):
-        return generate()
+        return None, None
     from .result_cache import digest
     domain = engine.domain
     key = digest("llm", domain["engine"], domain["model"], domain["context_size"], params)
-    t0 = time.perf_counter()
     raw = shared.get(key)
-    result = None
     if raw is not None:
         try:
             result = json.loads(raw)
-            text = result["result"]
-        except (ValueError, TypeError, KeyError):
+        except ValueError:
             result = None  # not one of ours: generate instead
-    if result is None:
-        result = generate()
-        shared.put(key, json.dumps(result).encode())
-        return result
-    job.checkpoint()
-    if text:
-        job.emit("token", text=text)
+        if isinstance(result, dict) and isinstance(result.get("result"), str):
+            return key, result
+    return key, None
+
+
+def replay(result: dict[str, Any], job: Any, t0: float) -> dict[str, Any]:
+    """A cached answer streamed as one `token` event, so a client sees a hit the way it
+    sees a generation."""
+    if result["result"]:
+        job.emit("token", text=result["result"])
     ms = round((time.perf_counter() - t0) * 1000, 2)
     return {**result, "cached": True, "ttft_ms": ms, "generation_time_ms": ms}
+
+
+def share(engine: Any, key: str, result: dict[str, Any]) -> None:
+    engine.ctx.shared_cache.put(key, json.dumps(result).encode())
 
 
 def finish_stats(text: str, finish: str, prompt_tokens: int, completion_tokens: int,

@@ -1,22 +1,42 @@
 """LLM engine on Hugging Face transformers: a local model directory (or a GGUF file in one).
 
-Generation runs token by token in `model.generate` with a streamer; a stopping criterion
-reads the job's cancel flag, so cancellation lands within one token.
+A continuous-batching engine: every running job decodes its next token in one forward pass
+of the model, and a job that arrives between two steps joins the next one.
+
+How a step works. A new job's prompt is prefilled on its own (batch of one, no padding), which
+gives its first token. The jobs already running then decode together: their KV caches live
+in one batched `DynamicCache`, each row left-padded to the longest, with an attention mask
+that hides the padding and each row's own positions, so the batch is rebuilt only when a job
+joins or leaves (not at every token). A row's history is exactly what it would be alone;
+greedy output alone and in a batch is the same token for token (the tests check it). Models
+whose cache is not plain full attention (sliding windows, linear attention) keep one cache
+per job and decode one job per forward: correct, just not batched.
+
+Sampling is per job (temperature, top_k, top_p in that order, from the job's own seeded
+generator), as are stop strings, max_tokens, cancel and pause. A paused job leaves the batch
+with its KV state and rejoins where it stopped.
 """
 from __future__ import annotations
 
 import os
-import queue
-import threading
 import time
-from typing import Any, Iterator
+from typing import Any
 
 from .. import builtin
 from ..protocol import Code
-from .base import Cancelled, Engine, EngineUnavailable, JobControl, JobError
-from .llm_common import (IdsText, StopText, chat_messages, finish_stats,
-                         shared_answer)
+from .base import BatchEngine, Cancelled, EngineUnavailable, JobControl, JobError, Outcome
+from .llm_common import (IdsText, StopText, cached_answer, chat_messages, finish_stats,
+                         replay, share)
 from ..devices import place_torch
+
+
+def parallel_slots(domain: dict[str, Any], device: str) -> int:
+    """Sequences one worker decodes at once: the domain's `parallel`, or when 0 (auto) 4 on
+    a CPU and 16 on a GPU."""
+    n = int(domain.get("parallel") or 0)
+    if n > 0:
+        return n
+    return 4 if device == "cpu" else 16
 
 
 def text_decoder(tokenizer: Any) -> IdsText:
@@ -27,32 +47,71 @@ def text_decoder(tokenizer: Any) -> IdsText:
                                                 clean_up_tokenization_spaces=False))
 
 
-class IdStreamer:
-    """The new token ids of `model.generate`, handed from its thread to the engine's.
-
-    `generate` calls `put` with the prompt first, then with each step's ids, and `end`
-    once (also called when generate fails, so the reader never waits forever)."""
-
-    def __init__(self) -> None:
-        self._queue: queue.Queue[list[int] | None] = queue.Queue()
-        self._prompt_seen = False
-
-    def put(self, value: Any) -> None:
-        if not self._prompt_seen:
-            self._prompt_seen = True
-            return
-        self._queue.put(value.reshape(-1).tolist())
-
-    def end(self) -> None:
-        self._queue.put(None)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        while (ids := self._queue.get()) is not None:
-            yield ids
+def rows_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
+                   resiso_rows: list[tuple[int, int]] | None = None, **kw: Any) -> Any:
+    """sdpa attention; in a batched decode step (`resiso_rows`: each running row with the
+    first column of its own keys), one call per row on that row's keys alone, the very
+    computation the job gets when it runs alone. Free rows attend to nothing (zeros)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    if resiso_rows is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
+    out = None
+    for row, first in resiso_rows:
+        part, _ = sdpa_attention_forward(module, query[row:row + 1], key[row:row + 1, :, first:],
+                                         value[row:row + 1, :, first:], None, **kw)
+        if out is None:
+            out = part.new_zeros((query.shape[0],) + tuple(part.shape[1:]))
+        out[row] = part[0]
+    return out, None
 
 
-class TransformersEngine(Engine):
+class Seq:
+    """One job: its sampling settings, streamed text, and KV state while outside the batch."""
+
+    def __init__(self, job: JobControl, params: dict[str, Any], prompt: list[int],
+                 max_new: int, tokenizer: Any) -> None:
+        self.job, self.params, self.prompt = job, params, prompt
+        self.max_new = max_new
+        self.t0 = time.perf_counter()
+        self.ttft: float | None = None
+        self.decoder = text_decoder(tokenizer)
+        self.stops = StopText(params["stop"])
+        self.greedy = params["temperature"] == 0
+        self.generator: Any = None    # made at prefill, on the model's device
+        self.generated = 0            # tokens sampled so far
+        self.last = -1                # the last sampled token: the next step's input
+        self.length = 0               # tokens in its KV state (prompt + generated - 1)
+        self.kv: Any = None           # its own cache while not a row of the batch
+        self.prefilled = False
+        self.paused = False           # `paused` emitted, not yet `resumed`
+        self.share_key: str | None = None     # put the result in the shared cache at the end
+        self.hit: dict[str, Any] | None = None  # the shared cache's answer: ends at step one
+
+    def emit(self, piece: str) -> None:
+        if piece:
+            if self.ttft is None:
+                self.ttft = time.perf_counter() - self.t0
+            self.job.emit("token", text=piece)
+
+
+class TransformersEngine(BatchEngine):
     kind = "llm"
+
+    def __init__(self, domain: dict[str, Any], ctx: Any):
+        super().__init__(domain, ctx)
+        self.capacity = parallel_slots(domain, ctx.device)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._seqs: list[Seq] = []     # every job held, in arrival order
+        self._batchable = getattr(self, "_batchable", False)
+        # the running jobs: by slot (row of the batched cache), None for a free one; without
+        # a batched cache, a plain list
+        self._slots: list[Seq | None] = [None] * self.capacity if self._batchable else []
+        self._pads: list[int] = []     # left padding of each row
+        self._cache: Any = None        # the batched cache
+
+    # -- loading ---------------------------------------------------------------------------
 
     def load(self) -> None:
         try:
@@ -85,93 +144,307 @@ class TransformersEngine(Engine):
             raise EngineUnavailable(f"cannot load the model in {path}: {exc}")
         self.model.to(self.device).eval()
         self.torch = torch
+        self.capacity = parallel_slots(self.domain, self.device)
+        eos: set[int] = set()
+        for value in (getattr(self.model.generation_config, "eos_token_id", None),
+                      self.tokenizer.eos_token_id):
+            if isinstance(value, int):
+                eos.add(value)
+            elif isinstance(value, (list, tuple)):
+                eos.update(int(v) for v in value)
+        self.eos = eos
+        self.limit = min(self.domain["context_size"],
+                         getattr(self.model.config, "max_position_embeddings", None) or 10**9)
+        self._batchable, self._rowwise = self._batch_mode()
+        self._reset()
+
+    def _batch_mode(self) -> tuple[bool, bool]:
+        """Whether the jobs' KV states can share one batched cache (full attention in every
+        layer), and whether attention then runs row by row on each job's own keys (sdpa
+        models): a padded row's attention sums over more terms, in another order, so its
+        numbers drift from the job's alone."""
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+        try:
+            layers = DynamicCache(config=self.model.config).layers
+        except Exception:
+            return False, False
+        if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+            return False, False
+        if getattr(self.model.config, "_attn_implementation", None) != "sdpa":
+            return True, False
+        try:
+            from transformers import AttentionInterface
+            AttentionInterface.register("resiso_rows", rows_attention)
+            self.model.set_attn_implementation("resiso_rows")
+        except Exception:
+            return True, False
+        return True, True
 
     def unload(self) -> None:
+        self._reset()
         del self.model
         if self.device == "cuda":
             self.torch.cuda.empty_cache()
 
-    def _prompt_ids(self, messages: list[dict[str, str]]) -> Any:
+    def _prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         tok = self.tokenizer
         if getattr(tok, "chat_template", None):
             text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            return tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+            return list(tok(text, add_special_tokens=False).input_ids)
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
-        return tok(text, return_tensors="pt").input_ids
+        return list(tok(text).input_ids)
 
-    def run(self, params: dict[str, Any], job: JobControl) -> dict[str, Any]:
-        return shared_answer(self, params, job, lambda: self.generate(params, job))
+    # -- the BatchEngine interface ---------------------------------------------------------
 
-    def generate(self, params: dict[str, Any], job: JobControl) -> dict[str, Any]:
-        from transformers import StoppingCriteria, StoppingCriteriaList
+    def add(self, params: dict[str, Any], job: JobControl) -> None:
+        prompt = self._prompt_ids(chat_messages(params))
+        if len(prompt) >= self.limit:
+            raise JobError(Code.CONTEXT_OVERFLOW, f"the prompt is {len(prompt)} tokens; the "
+                           f"context holds {self.limit}")
+        seq = Seq(job, params, prompt, min(params["max_tokens"], self.limit - len(prompt)),
+                  self.tokenizer)
+        seq.share_key, seq.hit = cached_answer(self, params)
+        self._seqs.append(seq)
+
+    def pending(self) -> bool:
+        for seq in self._seqs:
+            job = seq.job
+            if job.cancelled.is_set() or job.paused != seq.paused or not job.paused:
+                return True
+        return False
+
+    def jobs(self) -> int:
+        return len(self._seqs)
+
+    def step(self) -> list[tuple[JobControl, Outcome]]:
+        with self.torch.inference_mode():
+            ended = self._step()
+        for seq, _ in ended:
+            if seq in self._seqs:
+                self._seqs.remove(seq)
+        return [(seq.job, outcome) for seq, outcome in ended]
+
+    def _step(self) -> list[tuple[Seq, Outcome]]:
+        ended: list[tuple[Seq, Outcome]] = []
+        for seq in list(self._seqs):
+            if seq.job.cancelled.is_set():
+                ended.append((seq, Cancelled()))
+                self._drop(seq)
+        for seq in self._running():
+            if seq.job.paused:
+                self._leave(seq)
+        for seq in self._seqs:
+            if seq.job.paused != seq.paused:
+                seq.paused = seq.job.paused
+                seq.job.emit("paused" if seq.paused else "resumed")
+        if self._running():
+            ended += self._decode()
+        # the jobs out of a slot that may run: resumed ones, then new ones, as places allow
+        done = {id(seq) for seq, _ in ended}
+        waiting = [s for s in self._seqs if not s.paused and id(s) not in done
+                   and s not in self._slots]
+        waiting.sort(key=lambda s: not s.prefilled)
+        for seq in waiting:
+            if seq.hit is not None:
+                ended.append((seq, replay(seq.hit, seq.job, seq.t0)))
+            elif not self._free():
+                break
+            elif seq.prefilled:
+                self._join(seq)
+            else:
+                outcome = self._prefill(seq)
+                if outcome is not None:
+                    ended.append((seq, outcome))
+                else:
+                    self._join(seq)
+        return ended
+
+    # -- generation ------------------------------------------------------------------------
+
+    def _prefill(self, seq: Seq) -> Outcome | None:
         torch = self.torch
-        ids = self._prompt_ids(chat_messages(params)).to(self.device)
-        n_prompt = ids.shape[1]
-        limit = min(self.domain["context_size"],
-                    getattr(self.model.config, "max_position_embeddings", None) or 10**9)
-        if n_prompt >= limit:
-            raise JobError(Code.CONTEXT_OVERFLOW, f"the prompt is {n_prompt} tokens; the "
-                           f"context holds {limit}")
+        ids = torch.tensor([seq.prompt], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        seq.kv, seq.length, seq.prefilled = out.past_key_values, len(seq.prompt), True
+        seq.generator = torch.Generator(device=out.logits.device)
+        if seq.params["seed"] is not None:
+            seq.generator.manual_seed(seq.params["seed"])
+        else:
+            seq.generator.seed()
+        return self._take(seq, self._pick([seq], out.logits[:, -1, :])[0])
 
-        class CancelFlag(StoppingCriteria):
-            def __call__(self, input_ids: Any, scores: Any, **kw: Any) -> bool:
-                return job.cancelled.is_set()
+    def _running(self) -> list[Seq]:
+        return [s for s in self._slots if s is not None]
 
-        streamer = IdStreamer()
-        greedy = params["temperature"] == 0
-        gen_kw: dict[str, Any] = dict(
-            input_ids=ids, attention_mask=torch.ones_like(ids),
-            max_new_tokens=min(params["max_tokens"], limit - n_prompt),
-            do_sample=not greedy, streamer=streamer,
-            stopping_criteria=StoppingCriteriaList([CancelFlag()]),
-            pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
-        if not greedy:
-            gen_kw.update(temperature=params["temperature"], top_p=params["top_p"],
-                          top_k=params["top_k"])
-        if params["seed"] is not None:
-            torch.manual_seed(params["seed"])
-        out: dict[str, Any] = {}
+    def _decode(self) -> list[tuple[Seq, Outcome]]:
+        torch = self.torch
+        rows = self._running()
+        if self._batchable:
+            # one forward over every slot, free ones included: the matrix products then have
+            # the same shape whatever the number of jobs, which keeps each row's numbers
+            # bit for bit what they are alone
+            slots = self._slots
+            tokens = torch.tensor([[s.last if s else 0] for s in slots], dtype=torch.long,
+                                  device=self.device)
+            positions = torch.tensor([[s.length if s else 0] for s in slots],
+                                     dtype=torch.long, device=self.device)
+            width = self._width() + 1
+            pads = torch.tensor(self._pads, device=self.device).unsqueeze(1)
+            mask = (torch.arange(width, device=self.device).unsqueeze(0) >= pads).long()
+            extra = {}
+            if self._rowwise:
+                extra["resiso_rows"] = [(i, self._pads[i]) for i, s in enumerate(slots) if s]
+            out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
+                             past_key_values=self._cache, use_cache=True, **extra)
+            index = [i for i, s in enumerate(slots) if s]
+            logits = out.logits[index, -1, :]
+        else:  # one forward per job, each on its own cache
+            parts = []
+            for s in rows:
+                out = self.model(
+                    input_ids=torch.tensor([[s.last]], dtype=torch.long, device=self.device),
+                    position_ids=torch.tensor([[s.length]], dtype=torch.long,
+                                              device=self.device),
+                    past_key_values=s.kv, use_cache=True)
+                s.kv = out.past_key_values
+                parts.append(out.logits[:, -1, :])
+            logits = torch.cat(parts)
+        picked = self._pick(rows, logits)
+        ended = []
+        for seq, token in zip(rows, picked):
+            seq.length += 1
+            outcome = self._take(seq, token)
+            if outcome is not None:
+                ended.append((seq, outcome))
+        for seq, _ in ended:
+            self._leave(seq)
+        return ended
 
-        def generate() -> None:
-            try:
-                with torch.inference_mode():
-                    out["ids"] = self.model.generate(**gen_kw)
-            except Exception as exc:  # surfaced in the engine thread below
-                out["error"] = exc
-                streamer.end()
+    def _pick(self, seqs: list[Seq], logits: Any) -> list[int]:
+        """The next token of each row: argmax for greedy jobs, else a draw after
+        temperature, top-k and top-p, from the job's own generator."""
+        torch = self.torch
+        picked = logits.argmax(dim=-1).tolist()
+        for i, seq in enumerate(seqs):
+            if seq.greedy:
+                continue
+            p = seq.params
+            scores = logits[i].float() / p["temperature"]
+            k = p["top_k"]
+            if 0 < k < scores.shape[-1]:
+                scores, index = torch.topk(scores, k)
+            else:
+                scores, index = torch.sort(scores, descending=True)
+            probs = torch.softmax(scores, dim=-1)
+            if p["top_p"] < 1.0:
+                above = torch.cumsum(probs, dim=-1) - probs  # the mass of the likelier tokens
+                probs = probs.masked_fill(above >= p["top_p"], 0.0)
+                probs[0] = probs[0].clamp_min(1e-30)
+            choice = torch.multinomial(probs, 1, generator=seq.generator)
+            picked[i] = int(index[choice].item())
+        return picked
 
-        t0 = time.perf_counter()
-        worker = threading.Thread(target=generate, daemon=True)
-        worker.start()
-        # ids are decoded here rather than by TextIteratorStreamer, which waits for a space
-        # (or a CJK character) before it lets text go and cannot hold back text a stop
-        # string will trim
-        decoder = text_decoder(self.tokenizer)
-        stops = StopText(params["stop"])
-        ttft = None
-
-        def emit(piece: str) -> None:
-            nonlocal ttft
-            if piece:
-                if ttft is None:
-                    ttft = time.perf_counter() - t0
-                job.emit("token", text=piece)
-
-        for new_ids in streamer:
-            job.poll()  # a cancel read here stops generate() at its next token
-            if job.cancelled.is_set():
-                continue  # drain; generate stops at the next token
-            emit(stops.feed(decoder.feed(new_ids)))
+    def _take(self, seq: Seq, token: int) -> Outcome | None:
+        """Stream a sampled token; the job's result if it ended the job."""
+        seq.generated += 1
+        seq.last = token
+        stops = seq.stops
+        if token in self.eos:
+            finish = "stop"
+        else:
+            seq.emit(stops.feed(seq.decoder.feed([token])))
             if stops.stopped:
-                job.cancelled.set()
-        worker.join()
-        if "error" in out:
-            raise out["error"]
-        if job.cancelled.is_set() and not stops.stopped:
-            raise Cancelled()
-        emit(stops.feed(decoder.finish()))
-        emit(stops.flush())
-        generated = out["ids"].shape[1] - n_prompt
-        finish = "stop" if stops.stopped or generated < gen_kw["max_new_tokens"] \
-            else "length"
-        return finish_stats(stops.text, finish, n_prompt, int(generated), ttft, t0)
+                finish = "stop"
+            elif seq.generated >= seq.max_new:
+                finish = "length"
+            else:
+                return None
+        seq.emit(stops.feed(seq.decoder.finish()))
+        seq.emit(stops.flush())
+        result = finish_stats(stops.text, finish, len(seq.prompt), seq.generated, seq.ttft,
+                              seq.t0)
+        if seq.share_key is not None:
+            share(self, seq.share_key, result)
+        return result
+
+    # -- the batched cache -----------------------------------------------------------------
+    # `capacity` slots, one row each of the batched cache; a row holds its job's KV state
+    # right-aligned, `_pads[i]` columns of padding before it (a free slot: all padding)
+
+    def _width(self) -> int:
+        return self._cache.layers[0].keys.shape[-2] if self._cache is not None else 0
+
+    def _free(self) -> int:
+        if not self._batchable:
+            return self.capacity - len(self._slots)
+        return sum(s is None for s in self._slots)
+
+    def _join(self, seq: Seq) -> None:
+        """Put a job (with its own KV state) in a free slot."""
+        if not self._batchable:
+            self._slots.append(seq)
+            return
+        torch = self.torch
+        slot = self._slots.index(None)
+        own = seq.kv.layers
+        length = own[0].keys.shape[-2]
+        if self._cache is None:
+            self._cache = seq.kv
+            for layer in self._cache.layers:
+                shape = (self.capacity,) + tuple(layer.keys.shape[1:])
+                keys, values = layer.keys.new_zeros(shape), layer.values.new_zeros(shape)
+                keys[slot], values[slot] = layer.keys[0], layer.values[0]
+                layer.keys, layer.values = keys, values
+            self._pads = [length] * self.capacity
+        else:
+            width = self._width()
+            if length > width:  # widen every row by padding on the left
+                grow = length - width
+                F = torch.nn.functional
+                for layer in self._cache.layers:
+                    layer.keys = F.pad(layer.keys, (0, 0, grow, 0))
+                    layer.values = F.pad(layer.values, (0, 0, grow, 0))
+                self._pads = [p + grow for p in self._pads]
+                width = length
+            for layer, mine in zip(self._cache.layers, own):
+                layer.keys[slot, :, width - length:] = mine.keys[0]
+                layer.values[slot, :, width - length:] = mine.values[0]
+        self._pads[slot] = self._width() - length
+        self._slots[slot] = seq
+        seq.kv = None
+
+    def _leave(self, seq: Seq) -> None:
+        """Free a job's slot; a paused job keeps its KV state to go on from."""
+        if not self._batchable:
+            self._slots.remove(seq)
+            if not seq.job.paused:
+                seq.kv = None
+            return
+        from transformers import DynamicCache
+        slot = self._slots.index(seq)
+        pad = self._pads[slot]
+        if seq.job.paused and not seq.job.cancelled.is_set():
+            seq.kv = DynamicCache(ddp_cache_data=[
+                (layer.keys[slot:slot + 1, :, pad:].clone(),
+                 layer.values[slot:slot + 1, :, pad:].clone())
+                for layer in self._cache.layers])
+        self._slots[slot] = None
+        width = self._width()
+        self._pads[slot] = width
+        held = [p for p, s in zip(self._pads, self._slots) if s is not None]
+        if not held:
+            self._cache, self._pads = None, []
+            return
+        trim = min(held)  # columns that are padding in every row
+        if trim:
+            for layer in self._cache.layers:
+                layer.keys = layer.keys[:, :, trim:]
+                layer.values = layer.values[:, :, trim:]
+            self._pads = [p - trim for p in self._pads]
+
+    def _drop(self, seq: Seq) -> None:
+        if seq in self._slots:
+            self._leave(seq)
+        seq.kv = None
+        self._seqs.remove(seq)
