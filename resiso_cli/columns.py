@@ -38,3 +38,13 @@ class Table:
             cells = [c + " " * (w - width(c)) for c, w in zip(line[:-1], widths)]
             out.append(GAP.join([*cells, line[-1]]).rstrip())
         return "\n".join(out)
+
+
+def worker_jobs(w: dict) -> str:
+    """A worker's job cell: the task id of a one-job worker; for a batching one, its places
+    taken out of its capacity, and the jobs paused to make room ("3/8, 1 paused")."""
+    capacity, jobs = w.get("capacity", 1), w.get("jobs") or []
+    if capacity <= 1:
+        return w.get("job") or "-"
+    cell = f"{len(jobs) - w.get('bumped', 0)}/{capacity}"
+    return cell + (f", {w['bumped']} paused" if w.get("bumped") else "")

@@ -23,7 +23,7 @@ def status(as_json: bool = typer.Option(False, "--json")) -> None:
     if as_json:
         output.print_json(body)
         return
-    from .columns import Table
+    from .columns import Table, worker_jobs
     print(f"resisod {st['version']} pid {st['pid']} up {st['uptime_s']:.0f}s "
           f"socket {st['socket']}\n")
     table = Table("domain", "kind", "engine", "state", "queue r/n/b", "running", "done",
@@ -45,7 +45,7 @@ def status(as_json: bool = typer.Option(False, "--json")) -> None:
         for w in d["workers"]:
             workers.add_row(w["name"], str(w["pid"] or "-"), w["state"],
                             ",".join(map(str, w["cpus"])) or "all", str(w["threads"]),
-                            w["sched"], w["device"], _ms(w["rss_mb"]), w["job"] or "-",
+                            w["sched"], w["device"], _ms(w["rss_mb"]), worker_jobs(w),
                             str(w["restarts"]), w["last_error"] or "")
     print()
     print(workers)

@@ -13,6 +13,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from .columns import worker_jobs
+
 # domain, worker (slot) and job states
 STATE_STYLE = {"ready": "green", "loading": "yellow", "failed": "bold red",
                "starting": "yellow", "busy": "cyan", "backoff": "red", "stopped": "dim",
@@ -87,7 +89,7 @@ def worker_table(domains: dict[str, Any]) -> Table:
             w.get("name", "?"), str(w.get("pid") or "-"),
             Text(w.get("state", "?"), style=STATE_STYLE.get(w.get("state", ""), "")),
             cpus, w.get("sched", ""), w.get("device", ""), _num(w.get("rss_mb")),
-            *([_num(w.get("vram_mb"))] if vram else []), _cut(w.get("job") or "-"),
+            *([_num(w.get("vram_mb"))] if vram else []), _cut(worker_jobs(w)),
             str(w.get("restarts", 0)), _cut(w.get("last_error") or ""))
     return table
 

@@ -196,8 +196,12 @@ def test_metrics_parse_and_count_requests(gw):
     fams = {f.name: f for f in text_string_to_metric_families(text)}
     for name in ("resiso_http_requests", "resiso_jobs", "resiso_queue_length",
                  "resiso_worker_rss_bytes", "resiso_preemptions", "resiso_cache_hits",
-                 "resiso_job_duration_seconds", "resiso_daemon_up"):
+                 "resiso_job_duration_seconds", "resiso_daemon_up",
+                 "resiso_worker_batch_places"):
         assert name in fams, name
+    places = {(s.labels["worker"], s.labels["use"]): s.value
+              for s in fams["resiso_worker_batch_places"].samples}
+    assert places[("llm.0", "capacity")] == 4  # the CPU default of a llama.cpp worker
 
     def count(src, route):
         fam = {f.name: f for f in text_string_to_metric_families(src)}["resiso_http_requests"]

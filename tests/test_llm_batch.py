@@ -49,6 +49,9 @@ def worker(daemon) -> dict:
 def test_the_worker_reports_its_places(batch_daemon):
     w = worker(batch_daemon)
     assert w["capacity"] == 4 and w["jobs"] == [] and w["bumped"] == 0
+    out = batch_daemon.cli("status").stdout.decode()
+    (line,) = [ln for ln in out.splitlines() if ln.startswith("llm.0 ")]
+    assert " 0/4 " in line, line
 
 
 def test_batched_greedy_answers_equal_solo_ones_token_for_token(batch_daemon, solo):

@@ -84,17 +84,16 @@ class LlamaCppEngine(BatchEngine):
         self.L = L = llama_cpp
         _logger.set_verbose(False)  # llama.cpp's own log: errors only, in the worker's log
         mparams = L.llama_model_default_params()
-        if self.ctx.device != "cpu" and L.llama_supports_gpu_offload():
-            # the domain's GPU share bounds what we offload only through the layer count;
-            # llama.cpp has no per-process memory fraction
-            mparams.n_gpu_layers = self.domain["gpu_layers"]
-        else:
-            mparams.n_gpu_layers = 0
+        # "auto" means the GPU when this llama.cpp build can use one
+        on_gpu = self.ctx.device != "cpu" and bool(L.llama_supports_gpu_offload())
+        # the domain's GPU share bounds what we offload only through the layer count;
+        # llama.cpp has no per-process memory fraction
+        mparams.n_gpu_layers = self.domain["gpu_layers"] if on_gpu else 0
         try:
             self.model = _internals.LlamaModel(path_model=path, params=mparams, verbose=False)
         except Exception as exc:  # llama.cpp reports unreadable files as ValueError
             raise EngineUnavailable(f"cannot load {path}: {exc}")
-        self.capacity = parallel_slots(self.domain, self.ctx.device)
+        self.capacity = parallel_slots(self.domain, "cuda" if on_gpu else "cpu")
         self.n_ctx = self.domain["context_size"]
         cp = L.llama_context_default_params()
         cp.n_ctx = self.n_ctx * self.capacity     # split evenly over the streams

@@ -38,6 +38,9 @@ class DaemonCollector:
                                     labels=["domain"])
         rss = GaugeMetricFamily("resiso_worker_rss_bytes", "worker resident memory",
                                 labels=["domain", "worker"])
+        places = GaugeMetricFamily("resiso_worker_batch_places", "jobs a worker runs at once "
+                                   "(its capacity), and how many are taken",
+                                   labels=["domain", "worker", "use"])
         dur = HistogramMetricFamily("resiso_job_duration_seconds", "run time of completed "
                                     "jobs", labels=["domain"])
         ttft = HistogramMetricFamily("resiso_llm_ttft_seconds", "time to first token",
@@ -55,13 +58,17 @@ class DaemonCollector:
             for w in d["workers"]:
                 if w["rss_mb"] is not None:
                     rss.add_metric([name, w["name"]], w["rss_mb"] * 2**20)
+                if w.get("capacity", 1) > 1:
+                    taken = len(w.get("jobs") or []) - w.get("bumped", 0)
+                    places.add_metric([name, w["name"], "capacity"], w["capacity"])
+                    places.add_metric([name, w["name"], "taken"], taken)
             for family, key in ((dur, "duration_hist"), (ttft, "ttft_hist")):
                 h = d.get(key)
                 if h and h["count"]:
                     buckets = [(str(b), c) for b, c in zip(h["bounds"], h["cumulative"])]
                     buckets.append(("+Inf", h["count"]))
                     family.add_metric([name], buckets, h["sum"])
-        yield from (jobs, queue, running, preempt, cache, breaker, rss, dur, ttft)
+        yield from (jobs, queue, running, preempt, cache, breaker, rss, places, dur, ttft)
         gpu = GaugeMetricFamily("resiso_gpu_memory_used_bytes", "GPU memory in use",
                                 labels=["gpu", "name"])
         for g in st.get("gpus", []):

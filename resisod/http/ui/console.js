@@ -246,6 +246,14 @@
       el('span', { class: 'num', text: value }));
   }
 
+  // a batching worker shows its places taken out of its capacity, like `resiso status`
+  function workerJobs(w) {
+    if (!w.capacity || w.capacity <= 1) return w.job || '';
+    const bumped = w.bumped || 0;
+    const taken = `${(w.jobs || []).length - bumped}/${w.capacity}`;
+    return bumped ? `${taken}, ${bumped} paused` : taken;
+  }
+
   function domainCard(name, d) {
     const q = d.queue || {};
     const vram = d.workers.some((w) => w.vram_mb !== undefined && w.vram_mb !== null);
@@ -259,7 +267,7 @@
       el('td', { text: w.device || '–' }),
       el('td', { class: 'num r', text: fmtMB(w.rss_mb) }),
       vram && el('td', { class: 'num r', text: fmtMB(w.vram_mb) }),
-      el('td', { class: 'num', text: w.job || '' }),
+      el('td', { class: 'num', text: workerJobs(w) }),
     ));
     return el('article', { class: `card domain d-${d.state}`, dataset: { domain: name } },
       el('header', {}, el('h2', { text: name }), pill(d.state), d.paused && pill('paused')),
