@@ -73,7 +73,7 @@ def alone(engine, p):
 
 
 def test_parallel_slots():
-    from resisod.engines.transformers_llm import parallel_slots
+    from resisod.engines.llm_common import parallel_slots
     assert parallel_slots({"parallel": 0}, "cpu") == 4
     assert parallel_slots({"parallel": 0}, "cuda") == 16
     assert parallel_slots({"parallel": 3}, "cuda") == 3

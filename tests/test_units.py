@@ -119,3 +119,32 @@ def test_worker_vram_sums_what_nvml_reports_for_its_pid():
     gpus = [{"index": 0, "processes": {10: 100.0, 11: 3.0}}, {"index": 1, "processes": {10: 50.5}}]
     assert devices.vram_mb(gpus, 10) == 150.5
     assert devices.vram_mb(gpus, 12) is None and devices.vram_mb([], 10) is None
+
+
+def test_prompt_cache_stream_choice():
+    from types import SimpleNamespace
+
+    from resisod.engines.batch_plan import COPY_MIN_TOKENS, Stream, pick_stream, worth_waiting
+    system = list(range(100, 130))             # a shared system prompt, 30 tokens
+    a, b, c = Stream(0), Stream(1), Stream(2)
+    a.release(system + [1, 2, 3])              # freed first
+    b.release(system + [4, 5])
+    busy = SimpleNamespace(history=system + [7] * 20 + [9, 9], n_past=50)
+    c.take(busy)
+    streams = [a, b, c]
+    # a free stream sharing the prefix is reused as it is (the oldest freed on a tie)
+    assert pick_stream(streams, [a, b], system + [6]) == (a, None, 30)
+    assert pick_stream(streams, [a, b], system + [4, 5, 6]) == (b, None, 32)
+    # a busy stream holding 8+ more tokens is copied, into the oldest free one
+    dst, src, shared = pick_stream(streams, [a, b], system + [7] * 20 + [1])
+    assert (dst, src, shared) == (a, c, 50)
+    # ... but not for less than COPY_MIN_TOKENS
+    short = system + [7] * (COPY_MIN_TOKENS - 1) + [1]
+    assert pick_stream(streams, [a, b], short) == (a, None, 30)
+    # a busy stream counts only what its KV holds (n_past), not its whole history
+    assert c.shared(system + [7] * 20 + [9, 9]) == 50
+    # requests sent together: wait for a prefix someone is reading, unless it is short
+    reading = SimpleNamespace(history=list(range(500, 700)), n_past=0)
+    assert worth_waiting(streams, [reading], list(range(500, 690)) + [1])
+    assert not worth_waiting(streams, [reading], list(range(500, 505)) + [1])
+    assert not worth_waiting(streams, [], system + [1])

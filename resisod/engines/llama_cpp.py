@@ -25,7 +25,7 @@ from ..protocol import PRIORITY_ORDER, Code
 from .base import BatchEngine, Cancelled, EngineUnavailable, JobControl, JobError
 from .batch_plan import Stream, pick_stream, worth_waiting
 from .llm_common import (StopText, Utf8Text, cached_answer, chat_messages, finish_stats,
-                         replay, share)
+                         parallel_slots, replay, share)
 
 # tokens evaluated per step: prompts longer than this are taken in chunks, so the running
 # sequences keep getting a token every step while a long prompt is read
@@ -33,12 +33,6 @@ STEP_TOKENS = 512
 # KV state kept in memory for paused sequences; past it a paused one is recomputed later
 SAVED_LIMIT = 256 << 20
 RANK = {p: i for i, p in enumerate(PRIORITY_ORDER)}  # lower is more urgent
-
-
-def parallel_slots(domain: dict[str, Any], device: str) -> int:
-    """Sequences decoded at once: the domain's `parallel`, else 4 on a CPU (a core gains
-    little from wider batches) and 16 on a GPU (batching is what fills it)."""
-    return domain.get("parallel") or (4 if device == "cpu" else 16)
 
 
 class Sequence:

@@ -126,6 +126,13 @@ def repeatable(params: dict[str, Any]) -> bool:
     return params["temperature"] == 0 or params.get("seed") is not None
 
 
+def parallel_slots(domain: dict[str, Any], device: str) -> int:
+    """Sequences one worker decodes at once: the domain's `parallel`, or when 0 (auto) 4 on
+    a CPU (a core gains little from wider batches) and 16 on a GPU (batching is what fills
+    it)."""
+    return domain.get("parallel") or (4 if device == "cpu" else 16)
+
+
 def cached_answer(engine: Any, params: dict[str, Any]) -> tuple[str | None, dict | None]:
     """(the key a repeatable request's answer goes under in the cache shared between
     daemons, the answer found there); (None, None) when nothing is shared for it."""

@@ -26,17 +26,8 @@ from .. import builtin
 from ..protocol import Code
 from .base import BatchEngine, Cancelled, EngineUnavailable, JobControl, JobError, Outcome
 from .llm_common import (IdsText, StopText, cached_answer, chat_messages, finish_stats,
-                         replay, share)
+                         parallel_slots, replay, share)
 from ..devices import place_torch
-
-
-def parallel_slots(domain: dict[str, Any], device: str) -> int:
-    """Sequences one worker decodes at once: the domain's `parallel`, or when 0 (auto) 4 on
-    a CPU and 16 on a GPU."""
-    n = int(domain.get("parallel") or 0)
-    if n > 0:
-        return n
-    return 4 if device == "cpu" else 16
 
 
 def text_decoder(tokenizer: Any) -> IdsText:
