@@ -22,7 +22,11 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
 
 
 def ask(prompt: str, **kw):
-    return {"prompt": prompt, "temperature": 0, "max_tokens": 48, **kw}
+    # the last prompt is sampled with a seed: a seeded answer, too, is the same alone and
+    # batched (each sequence has its own sampler state)
+    sampling = {"temperature": 0.9, "seed": 11} if prompt == PROMPTS[-1] else \
+        {"temperature": 0}
+    return {"prompt": prompt, "max_tokens": 48, **sampling, **kw}
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +58,7 @@ def test_the_worker_reports_its_places(batch_daemon):
     assert " 0/4 " in line, line
 
 
-def test_batched_greedy_answers_equal_solo_ones_token_for_token(batch_daemon, solo):
+def test_batched_greedy_and_seeded_answers_equal_solo_ones_token_for_token(batch_daemon, solo):
     most = 0
     with batch_daemon.client() as c:
         streams = {p: c.submit("llm", ask(p)) for p in PROMPTS}
@@ -80,7 +84,8 @@ def test_cancel_and_deadline_of_one_sequence_leave_the_others(batch_daemon, solo
     with batch_daemon.client() as c:
         keep = [c.submit("llm", ask(p)) for p in PROMPTS[:2]]
         victim = c.submit("llm", ask(PROMPTS[2], max_tokens=400))
-        late = c.submit("llm", ask(PROMPTS[3], max_tokens=400), timeout_ms=700)
+        late = c.submit("llm", ask("Write a long story about a lighthouse.", max_tokens=400),
+                        timeout_ms=700)
         tid = victim.accepted["task_id"]
         for ev in victim:
             if ev["event"] == "token":
