@@ -8,11 +8,12 @@ passed in by a worker that already imported it.
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 
 def gpu_index(device: str) -> int | None:
-    """The physical GPU a device string names; None for CPU."""
+    """The GPU a device string names, among the daemon's visible GPUs; None for CPU."""
     if device == "cpu":
         return None
     if device.startswith("cuda:"):
@@ -20,10 +21,84 @@ def gpu_index(device: str) -> int | None:
     return 0  # "cuda" and "auto" take the first GPU; a worker without one falls back to CPU
 
 
-def visible_devices_env(device: str) -> dict[str, str]:
-    """Hide the GPUs a domain must not touch; set before torch is ever imported."""
+class DeviceError(ValueError):
+    """A domain names a GPU its daemon was not given (CUDA_VISIBLE_DEVICES)."""
+
+
+def inherited_visible(inherited: str | None = None) -> list[str] | None:
+    """The GPUs the daemon itself may use, as CUDA_VISIBLE_DEVICES entries (indices, GPU-
+    UUIDs or MIG- ids); None when it inherited no restriction, [] when it was given none.
+    Parsed as CUDA does: entries up to the first malformed one (so "-1" hides every GPU)."""
+    if inherited is None:
+        inherited = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if inherited is None:
+        return None
+    out = []
+    for entry in inherited.split(","):
+        entry = entry.strip()
+        if not (entry.isdigit() or entry.startswith(("GPU-", "MIG-"))):
+            break
+        out.append(entry)
+    return out
+
+
+def visible_entry(device: str, inherited: str | None = None) -> str | None:
+    """The CUDA_VISIBLE_DEVICES entry a domain's device means: `cuda:N` is the daemon's N-th
+    visible GPU, not a physical index, so a daemon started on "3,5" gives cuda:1 GPU 5.
+    None: no GPU (a CPU domain, or a daemon given no GPU: its workers fall back to the CPU as
+    on a machine without one)."""
     index = gpu_index(device)
-    return {"CUDA_VISIBLE_DEVICES": "" if index is None else str(index)}
+    if index is None:
+        return None
+    visible = inherited_visible(inherited)
+    if visible is None:
+        return str(index)
+    if not visible:
+        return None
+    if index >= len(visible):
+        raise DeviceError(f"device {device!r} is GPU {index} of the daemon's visible GPUs, but "
+                          f"it was started with CUDA_VISIBLE_DEVICES={','.join(visible)!r} "
+                          f"({len(visible)} GPU{'s' if len(visible) != 1 else ''}: cuda:0.."
+                          f"cuda:{len(visible) - 1})")
+    return visible[index]
+
+
+def visible_devices_env(device: str, inherited: str | None = None) -> dict[str, str]:
+    """Hide the GPUs a domain must not touch; set before torch is ever imported. `inherited`
+    is the daemon's own CUDA_VISIBLE_DEVICES (default: its environment). PCI bus order makes
+    CUDA's indices agree with NVML's (`probe`), which the VRAM plan sizes cards by."""
+    entry = visible_entry(device, inherited)
+    return {"CUDA_VISIBLE_DEVICES": "" if entry is None else entry,
+            "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+
+
+def visible_device_errors(domains: dict[str, dict[str, Any]],
+                          inherited: str | None = None) -> list[str]:
+    """Check every domain's device against the inherited GPUs at start, so a bad index is a
+    configuration error, not a worker that fails to spawn."""
+    errors = []
+    for name, d in domains.items():
+        try:
+            visible_entry(d["device"], inherited)
+        except DeviceError as exc:
+            errors.append(f"domains.{name}.device: {exc}")
+    return errors
+
+
+def visible_gpus(gpus: list[dict[str, Any]], inherited: str | None = None) -> list[dict[str, Any]]:
+    """`probe()`'s GPUs (NVML, physical order) as the daemon's domains number them: the
+    inherited CUDA_VISIBLE_DEVICES picks and orders them, each entry's "index" becomes its
+    cuda:N and "physical" keeps NVML's. A MIG instance is left out: NVML sizes its parent."""
+    visible = inherited_visible(inherited)
+    if visible is None:
+        return [{**g, "physical": g["index"]} for g in gpus]
+    out = []
+    for n, entry in enumerate(visible):
+        match = [g for g in gpus if (str(g["index"]) == entry if entry.isdigit()
+                                     else g.get("uuid") == entry)]
+        if match:
+            out.append({**match[0], "index": n, "physical": match[0]["index"]})
+    return out
 
 
 def engine_device(device: str) -> str:
@@ -64,12 +139,17 @@ def probe() -> list[dict[str, Any]]:
             h = pynvml.nvmlDeviceGetHandleByIndex(i)
             mem = pynvml.nvmlDeviceGetMemoryInfo(h)
             name = pynvml.nvmlDeviceGetName(h)
-            out.append({"index": i, "name": name.decode() if isinstance(name, bytes) else name,
+            out.append({"index": i, "name": _text(name),
+                        "uuid": _text(pynvml.nvmlDeviceGetUUID(h)),
                         "used_mb": mem.used / 2**20, "total_mb": mem.total / 2**20,
                         "processes": _process_memory(pynvml, h)})
     except Exception:
         pass
     return out
+
+
+def _text(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 def _process_memory(pynvml: Any, handle: Any) -> dict[int, float]:
