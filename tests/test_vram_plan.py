@@ -283,3 +283,26 @@ def test_the_plan_modules_import_no_model_library():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_llama_cpp_offloads_what_its_budget_holds():
+    """The engine's layer choice from its VRAM budget, without a GPU: the decision only."""
+    from resisod import builtin
+    from resisod.engines.base import EngineContext, EngineUnavailable
+    from resisod.engines.llama_cpp import LlamaCppEngine
+    path = builtin.llm_path("builtin:smollm2-135m-instruct")
+
+    def layers(budget_mb, asked):
+        ctx = EngineContext("llm", "/tmp", "/tmp", "cuda", 1, 1.0, gpu_budget_mb=budget_mb)
+        engine = LlamaCppEngine({"model": "builtin:smollm2-135m-instruct",
+                                 "context_size": 2048, "gpu_layers": asked}, ctx)
+        engine.n_ctx, engine.capacity = 2048, 4
+        return engine._gpu_layers(path)
+
+    assert layers(None, -1) == -1          # no plan: everything, as configured
+    assert layers(4000, -1) == -1          # the whole model and its KV fit
+    partial = layers(330, -1)
+    assert 0 < partial < 30                # some blocks; the KV of 4 x 2048 tokens counts
+    assert layers(330, partial) == partial
+    with pytest.raises(EngineUnavailable, match=r"gpu_layers = 30 .* budget of 330 MB"):
+        layers(330, 30)

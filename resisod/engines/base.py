@@ -39,6 +39,9 @@ class EngineContext:
     # the cache shared between daemons ([cache] backend = "redis"): a result_cache.SharedCache,
     # None when results are cached locally only
     shared_cache: Any = None
+    # this worker's VRAM budget from the daemon's plan (MB; None off a GPU or unplanned);
+    # torch engines are capped through gpu_share, llama.cpp by how many layers it offloads
+    gpu_budget_mb: float | None = None
 
 
 class JobControl:

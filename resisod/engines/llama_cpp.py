@@ -80,15 +80,16 @@ class LlamaCppEngine(BatchEngine):
         mparams = L.llama_model_default_params()
         # "auto" means the GPU when this llama.cpp build can use one
         on_gpu = self.ctx.device != "cpu" and bool(L.llama_supports_gpu_offload())
-        # the domain's GPU share bounds what we offload only through the layer count;
-        # llama.cpp has no per-process memory fraction
-        mparams.n_gpu_layers = self.domain["gpu_layers"] if on_gpu else 0
+        self.capacity = parallel_slots(self.domain, "cuda" if on_gpu else "cpu")
+        self.n_ctx = self.domain["context_size"]
+        # llama.cpp has no per-process memory cap: its VRAM budget bounds the layers it
+        # offloads (weights + KV for every stream + compute buffers)
+        self.gpu_layers = self._gpu_layers(path) if on_gpu else 0
+        mparams.n_gpu_layers = self.gpu_layers
         try:
             self.model = _internals.LlamaModel(path_model=path, params=mparams, verbose=False)
         except Exception as exc:  # llama.cpp reports unreadable files as ValueError
             raise EngineUnavailable(f"cannot load {path}: {exc}")
-        self.capacity = parallel_slots(self.domain, "cuda" if on_gpu else "cpu")
-        self.n_ctx = self.domain["context_size"]
         cp = L.llama_context_default_params()
         cp.n_ctx = self.n_ctx * self.capacity     # split evenly over the streams
         cp.n_seq_max = self.capacity
@@ -118,6 +119,26 @@ class LlamaCppEngine(BatchEngine):
         self.held: list[Sequence] = []            # paused: no stream
         self.ended: list[tuple[JobControl, Any]] = []
         self.saved_bytes = 0
+
+    def _gpu_layers(self, path: str) -> int:
+        """Layers to offload: all (-1) without a budget; else what fits it, and an explicit
+        `gpu_layers` beyond that is refused with the numbers."""
+        budget = self.ctx.gpu_budget_mb
+        asked = self.domain["gpu_layers"]
+        if budget is None:
+            return asked
+        from .gguf_fit import offload_layers
+        fits = offload_layers(path, int(budget * 2**20), self.n_ctx, self.capacity,
+                              n_ubatch=STEP_TOKENS)
+        if asked == -1:
+            return fits
+        if fits == -1 or asked <= fits:
+            return asked
+        raise EngineUnavailable(
+            f"gpu_layers = {asked} does not fit this worker's VRAM budget of {budget:.0f} MB "
+            f"({fits} layers do, with KV for {self.n_ctx} tokens x {self.capacity} "
+            f"sequences): lower gpu_layers, context_size or parallel, or raise the domain's "
+            f"gpu_allocation")
 
     def unload(self) -> None:
         for seq in [*self.waiting, *self.running, *self.held]:
