@@ -250,8 +250,11 @@ DOMAIN_KIND: dict[str, dict[str, Key]] = {
 DEFAULT_DOMAINS: dict[str, dict[str, Any]] = {
     "llm": {"kind": "llm", "engine": "llama_cpp", "model": "builtin:smollm2-135m-instruct",
             "priority": "realtime"},
+    # two Piper workers of one onnxruntime thread each: concurrent requests run side by side
+    # (one core per worker; on 2 cores that is both, see isolation.auto_layout). Measured on
+    # 2 cores: 2 threads in one worker are slower than 1, batching gains nothing per item.
     "tts": {"kind": "tts", "engine": "piper", "model": "builtin:en_US-joe-medium",
-            "device": "cpu", "priority": "realtime"},
+            "device": "cpu", "priority": "realtime", "workers": 2, "threads": 1},
     # Mandarin: espeak-ng's cmn voice, the one Chinese voice that ships offline
     "tts-zh": {"kind": "tts", "engine": "espeak", "voice": "cmn", "device": "cpu",
                "priority": "realtime"},

@@ -27,7 +27,11 @@ def auto_layout(domains: dict[str, dict[str, Any]], cpus: list[int],
     Realtime domains that run on the CPU-heavy path (llm) get the first core(s); batch domains
     get the rest; other realtime domains (tts) share the batch cores, where their normal
     scheduling class wins over the batch domain's SCHED_IDLE. On one core everyone shares.
-    With 2 cores: llm -> [0], image -> [1], tts -> [1].
+    A realtime domain with more workers than there are batch cores (tts with 2 workers on 2
+    cores) floats over every core, so that its workers can run side by side: while the LLM
+    decodes, the kernel puts a lone speech job on the other core, and only a second concurrent
+    one shares the LLM's core (both realtime; each gets about half of it).
+    With 2 cores: llm -> [0], image -> [1], tts (2 workers) -> [0, 1], tts-zh -> [1].
     """
     layout: dict[str, list[int]] = {}
     if len(cpus) < 2 or not isolate:
@@ -43,6 +47,8 @@ def auto_layout(domains: dict[str, dict[str, Any]], cpus: list[int],
         elif name in llm_like:
             layout[name] = list(front)
         elif d["kind"] == "null":
+            layout[name] = list(cpus)
+        elif d["priority"] == "realtime" and d.get("workers", 1) > len(back):
             layout[name] = list(cpus)
         else:
             layout[name] = list(back)

@@ -64,7 +64,8 @@ priority = "batch"
     from resisod import config, isolation
     cfg = config.build({})
     layout = isolation.auto_layout(cfg["domains"], [0, 1])
-    assert layout == {"llm": [0], "tts": [1], "tts-zh": [1], "image": [1]}
+    # the two Piper workers may use both cores: side by side they double speech throughput
+    assert layout == {"llm": [0], "tts": [0, 1], "tts-zh": [1], "image": [1]}
     assert isolation.daemon_cpus(layout, cfg["domains"], [0, 1]) == [1]
     assert d.status()["domains"]["image"]["workers"][0]["sched"] == "idle"
 
