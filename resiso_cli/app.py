@@ -5,7 +5,7 @@ from typing import Optional
 
 import typer
 
-from . import __version__, deferred_coercion, generate, jobcmds, output, top
+from . import __version__, deferred_coercion, generate, jobcmds, keycmds, output, top
 
 app = typer.Typer(
     name="resiso", no_args_is_help=True, add_completion=True, rich_markup_mode=None,
@@ -37,6 +37,7 @@ app.command()(jobcmds.wait)
 app.command()(jobcmds.cancel)
 app.command()(jobcmds.get)
 app.command()(top.top)
+app.add_typer(keycmds.app, name="keys")
 
 
 @app.command("serve-http", context_settings={"allow_extra_args": True,

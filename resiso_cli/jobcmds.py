@@ -43,12 +43,24 @@ def status(as_json: bool = typer.Option(False, "--json")) -> None:
                     "job", "restarts", "last error")
     for d in st["domains"].values():
         for w in d["workers"]:
-            workers.add_row(w["name"], str(w["pid"] or "-"), w["state"],
-                            ",".join(map(str, w["cpus"])) or "all", str(w["threads"]),
+            cpus = "remote" if w.get("remote") else ",".join(map(str, w["cpus"])) or "all"
+            workers.add_row(w["name"], str(w["pid"] or "-"), w["state"], cpus,
+                            str(w["threads"]),
                             w["sched"], w["device"], _ms(w["rss_mb"]), worker_jobs(w),
                             str(w["restarts"]), w["last_error"] or "")
     print()
     print(workers)
+    remote = [w for d in st["domains"].values() for w in d["workers"] if w.get("remote")]
+    if remote:  # workers on other machines ([cluster] listen)
+        table = Table("remote worker", "host", "key", "fingerprint", "rtt ms", "state")
+        for w in remote:
+            r = w["remote"]
+            rtt = r.get("rtt_ms")
+            table.add_row(w["name"], str(r.get("host") or "-"), str(r.get("key") or "-"),
+                          str(r.get("fingerprint") or "-"),
+                          "-" if rtt is None else f"{rtt:.1f}", w["state"])
+        print()
+        print(table)
     print()
     for kind, engines in (st.get("engines") or {}).items():
         if engines:

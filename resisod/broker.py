@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import zmq
 
-from . import __version__, estimates, expiry, logsetup, status
+from . import __version__, cluster, estimates, expiry, logsetup, status
 from .client_ops import ClientOps
 from .loop_health import LoopWatch
 from .monitors import Monitors
@@ -55,6 +55,7 @@ class Broker:
     def __init__(self, cfg: dict[str, Any], *, claim: SocketClaim, sched: Scheduler,
                  store: JobStore, supervisor: Supervisor, gateway: Gateway | None,
                  worker_path: str, gpus: bool):
+        remote = cluster.plan(cfg)  # first: a secure endpoint without keys never starts
         self.cfg, self.claim, self.sched, self.store = cfg, claim, sched, store
         self.supervisor, self.gateway = supervisor, gateway
         self.socket_path, self.state_dir = cfg["daemon"]["socket"], cfg["daemon"]["state_dir"]
@@ -82,6 +83,8 @@ class Broker:
         self.subs = Subscriptions(self.outbox, sched, silence_s=max(4 * self.hb, 1.0))
         self.monitors = Monitors(self.outbox.post, silence_s=self.subs.silence_s)
         self.link = WorkerLink(self.workers, supervisor, sched, self.subs)
+        self.cluster = cluster.Cluster(remote, cfg, self.ctx, supervisor, sched, self.link) \
+            if remote is not None else None
         self.ops = ClientOps(
             sched, self.subs, self.outbox, store, apply=self.apply,
             status=lambda: {**status.snapshot(sched, socket_path=self.socket_path,
@@ -125,6 +128,9 @@ class Broker:
         poller = zmq.Poller()
         poller.register(self.client, zmq.POLLIN)
         poller.register(self.workers, zmq.POLLIN)
+        remote = self.cluster.sock if self.cluster is not None else None
+        if remote is not None:
+            poller.register(remote, zmq.POLLIN)
         sched, from_client, began = self.sched, self.ops.handle, self.loop.began
         self.loop.watch_gc()
         while True:
@@ -138,6 +144,8 @@ class Broker:
                 self.drain(self.client, from_client)
             if self.workers in ready:
                 self.drain(self.workers, self.from_worker)
+            if remote in ready:
+                self.cluster.drain(self.apply)
             if self.stop_requested and not sched.stopping:
                 self.stop()
             t1 = self.clock()
@@ -226,6 +234,8 @@ class Broker:
 
     def tick(self, now: float) -> None:
         self.apply(self.link.reap())
+        if self.cluster is not None:
+            self.apply(self.cluster.reap(now))
         self.supervisor.restart_due()
         self.apply(self.sched.tick(now))
         for job in self.subs.forsaken(now, list(self.sched.jobs.live)):
@@ -245,6 +255,8 @@ class Broker:
         self.monitors.tick(now, self.ops.status, self.recent_jobs)
         if now >= self.next_heartbeat:
             self.link.heartbeat()
+            if self.cluster is not None:
+                self.cluster.heartbeat(now)
             self.supervisor.check_memory()
             self.next_heartbeat = now + self.hb
 
@@ -285,6 +297,8 @@ class Broker:
         self.subs.shutting_down(list(self.sched.jobs.live))
         estimates.save(self.state_dir, self.sched.domains)
         self.link.shutdown()
+        if self.cluster is not None:
+            self.cluster.shutdown()
         self.commit()
         self.store.close()
         if self.gateway is not None:
@@ -292,6 +306,8 @@ class Broker:
         self.supervisor.shutdown()
         self.client.close(0)
         self.workers.close(0)
+        if self.cluster is not None:
+            self.cluster.close()
         self.ctx.term()
         self.claim.release()
         log.info("resisod stopped")

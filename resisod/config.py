@@ -187,12 +187,30 @@ SCHEMA["cache"] = {
     "timeout_ms": Key(50, _int(1, 60000)),
 }
 
+def _cluster_listen(v: Any) -> str | None:
+    # remote workers connect over TCP; an ipc endpoint is the local workers' own
+    if not isinstance(v, str):
+        return f"must be a string, got {type(v).__name__}"
+    if v and not (v.startswith("tcp://") and ":" in v[6:]):
+        return f'must be "" (off) or a tcp://HOST:PORT endpoint, got {v!r}'
+    return None
+
+
+# remote workers (resisod/cluster.py): a second worker endpoint on TCP, CURVE-encrypted with
+# the keys in keys_dir ("" = <state_dir>/keys) unless insecure is set
+SCHEMA["cluster"] = {
+    "listen": Key("", _cluster_listen),
+    "insecure": Key(False, _bool),
+    "keys_dir": Key("", _str()),
+}
+
 DOMAIN_COMMON: dict[str, Key] = {
     "kind": Key(None, _str(KINDS)),
     "engine": Key(None, _str()),
     "model": Key("", _str()),
     "device": Key("auto", _device),
-    "workers": Key(1, _int(1, 64)),
+    # 0: served by remote workers only (needs [cluster] listen)
+    "workers": Key(1, _int(0, 64)),
     "cpus": Key([], _cpus),
     "threads": Key(0, _int(0, 1024)),
     "priority": Key("normal", _str(PRIORITIES)),
@@ -362,11 +380,11 @@ def build(raw: dict[str, Any]) -> dict[str, Any]:
     """Validate a parsed TOML tree; return the effective configuration or raise ConfigError."""
     errors: list[str] = []
     cfg: dict[str, Any] = {}
-    known = {"daemon", "logging", "resources", "http", "cache", "domains", "aliases"}
+    known = {"daemon", "logging", "resources", "http", "cache", "cluster", "domains", "aliases"}
     for name in raw:
         if name not in known:
             errors.append(f"{name}: unknown section; allowed: {', '.join(sorted(known))}")
-    for section in ("daemon", "logging", "http", "cache"):
+    for section in ("daemon", "logging", "http", "cache", "cluster"):
         cfg[section] = _apply(section, SCHEMA[section], raw.get(section), errors)
     resources = dict(raw.get("resources") or {})
     gpu = resources.pop("gpu_allocation", None)
@@ -389,6 +407,11 @@ def build(raw: dict[str, Any]) -> dict[str, Any]:
             errors.append(f"domains.{name}: a domain name may hold letters, digits, '-' and '_'")
             continue
         cfg["domains"][name] = _domain(name, given, errors)
+    if not cfg["cluster"]["listen"]:
+        for name, d in cfg["domains"].items():
+            if d.get("workers") == 0:
+                errors.append(f"domains.{name}.workers: must be between 1 and 64 (0, remote "
+                              f"workers only, needs [cluster] listen)")
     cfg["aliases"] = _aliases(raw.get("aliases"), cfg["domains"], errors)
     if errors:
         raise ConfigError(errors)

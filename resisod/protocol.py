@@ -85,7 +85,15 @@ class WorkerMsg:
     PAUSE = "pause"
     RESUME = "resume"
     SHUTDOWN = "shutdown"
+    # daemon -> remote worker, the answer to its hello: its domain's settings, or a refusal
+    # (`code`, `message`); a remote worker's hello names its `domain`
+    SPEC = "spec"
+    REFUSED = "refused"
 
+
+# A daemon heartbeat to a remote worker carries `t` (the daemon's clock); the worker's
+# heartbeat thread echoes it back at once as `echo`, and the difference is the round trip.
+HEARTBEAT_TIME, HEARTBEAT_ECHO = "t", "echo"
 
 # a worker's heartbeat socket has its job socket's identity plus this suffix
 HEARTBEAT_SUFFIX = b"/hb"
@@ -112,6 +120,7 @@ class Code:
     UNSUPPORTED_VERSION = "unsupported_version"
     ENGINE_ERROR = "engine_error"
     STORAGE_FULL = "storage_full"
+    UNKNOWN_DOMAIN = "unknown_domain"     # a remote worker's hello names no configured domain
 
 
 class Priority:

@@ -7,6 +7,10 @@ generation and the identity); the slot stays. Who writes what:
 - the worker link: LOADING, liveness (`last_seen`), `loaded`;
 - the scheduler: READY / BUSY, `jobs`, `bumped` and `breaker`; `capacity` as the worker
   reported it when ready.
+
+A remote slot (a worker on another machine, `resisod/cluster.py`) has no process: `remote`
+holds its host, key name and round-trip time, `sock` the TCP ROUTER that reaches it. It is
+made when the worker says hello and dropped when it goes silent; nothing restarts it.
 """
 from __future__ import annotations
 
@@ -52,9 +56,13 @@ class Slot:
     last_pid: int | None = None
     cache: dict[str, Any] | None = None  # its shared cache's breaker and counters, last reported
     breaker: Any = None                  # its circuit breaker (breakers.Breaker), the scheduler's
+    remote: dict[str, Any] | None = None  # a remote worker: host, key, rtt_ms (None: local)
+    sock: Any = None                     # the socket reaching a remote worker (None: local)
 
     @property
     def name(self) -> str:
+        if self.remote is not None:
+            return f"{self.domain}.r{self.index}"
         return f"{self.domain}.{self.index}"
 
     @property

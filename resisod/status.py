@@ -30,6 +30,22 @@ def worker_view(slot: Slot, device: str, gpus: list[dict[str, Any]]) -> dict[str
         # a batching worker: its places, and the jobs it holds (bumped ones paused)
         "capacity": slot.capacity, "jobs": list(slot.jobs), "bumped": slot.bumped,
         "restarts": slot.generation - 1, "last_error": slot.last_error, "loaded": slot.loaded,
+    } if slot.remote is None else remote_view(slot)
+
+
+def remote_view(slot: Slot) -> dict[str, Any]:
+    """A worker on another machine: no pid, cores or memory of its own here; where it is,
+    which key let it in, and the heartbeat round trip."""
+    r = slot.remote or {}
+    return {
+        "name": slot.name, "pid": None, "state": slot.state, "cpus": [], "threads": 0,
+        "sched": "remote", "device": "remote", "rss_mb": None, "vram_mb": None,
+        "breaker": slot.breaker.view() if slot.breaker is not None else None,
+        "job": slot.job.task_id if slot.job else None,
+        "capacity": slot.capacity, "jobs": list(slot.jobs), "bumped": slot.bumped,
+        "restarts": 0, "last_error": slot.last_error, "loaded": slot.loaded,
+        "remote": {"host": r.get("host"), "key": r.get("key"),
+                   "fingerprint": r.get("fingerprint"), "rtt_ms": r.get("rtt_ms")},
     }
 
 

@@ -82,12 +82,17 @@ class Supervisor:
         slot.ready_since = None
         slot.kill_reason = ""
         slot.rss_mb = None
-        self.by_identity = {ident: s for s in self.slots if s.proc
-                            for ident in (s.identity, s.identity + HEARTBEAT_SUFFIX)}
+        # kept in place, not rebuilt: remote workers' slots (cluster.py) are in it too
+        self.by_identity[slot.identity] = self.by_identity[slot.identity + HEARTBEAT_SUFFIX] = slot
         log.info("worker %s started pid=%d cpus=%s threads=%d sched=%s", slot.name,
                  slot.proc.pid, slot.cpus or "all", slot.threads, slot.sched)
 
     def kill(self, slot: Slot, reason: str) -> None:
+        if slot.remote is not None:
+            # no process here: the cluster drops the slot at its next reap (and tells the
+            # worker to stop, if it still listens)
+            slot.kill_reason = slot.kill_reason or reason
+            return
         if slot.proc and slot.proc.poll() is None:
             slot.kill_reason = slot.kill_reason or reason
             slot.proc.kill()

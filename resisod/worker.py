@@ -7,7 +7,9 @@ with a socket of its own exchanges heartbeats with the daemon, so heartbeats kee
 while a model loads or a long step computes; a worker that stops (SIGSTOP, a hang holding
 the interpreter) goes silent and is replaced.
 
-Started by the supervisor as `python -m resisod.worker` with its spec in RESISO_WORKER_SPEC.
+Started by the supervisor as `python -m resisod.worker` with its spec in RESISO_WORKER_SPEC,
+or on another machine by `resiso-worker` (`remote_worker.py`), whose spec adds `curve` (the
+keys for a CURVE connection over TCP) and which has said hello before `serve`.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ import zmq
 
 from . import devices, isolation
 from .engines.base import Cancelled, JobControl, JobError  # the interface only: no model code
-from .protocol import HARD_FRAME_LIMIT, HEARTBEAT_SUFFIX, Code, WorkerMsg, pack, unpack
+from .protocol import (HARD_FRAME_LIMIT, HEARTBEAT_ECHO, HEARTBEAT_SUFFIX, HEARTBEAT_TIME, Code,
+                       WorkerMsg, pack, unpack)
 
 PR_SET_PDEATHSIG = 1
 DAEMON_SILENCE_S = 10.0
@@ -45,19 +48,27 @@ def _die_with_parent() -> None:
         os._exit(0)
 
 
-def _socket(ctx: zmq.Context, identity: bytes, endpoint: str) -> zmq.Socket:
+def _socket(ctx: zmq.Context, identity: bytes, endpoint: str,
+            curve: dict[str, str] | None = None, connect: bool = True) -> zmq.Socket:
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.IDENTITY, identity)
     s.setsockopt(zmq.LINGER, 0)
     s.setsockopt(zmq.MAXMSGSIZE, HARD_FRAME_LIMIT)
-    s.connect(endpoint)
+    if curve:  # a remote worker: encrypted, and let in by the daemon only for a known key
+        s.curve_serverkey = curve["server"].encode()
+        s.curve_publickey = curve["public"].encode()
+        s.curve_secretkey = curve["secret"].encode()
+    if connect:
+        s.connect(endpoint)
     return s
 
 
-def heartbeat_loop(ctx: zmq.Context, identity: bytes, endpoint: str, interval: float) -> None:
+def heartbeat_loop(ctx: zmq.Context, identity: bytes, endpoint: str, interval: float,
+                   curve: dict[str, str] | None = None, gone_code: int = 0) -> None:
     """Beat every interval; exit the process once the daemon has been silent for
-    `daemon_silence_s(interval)`."""
-    s = _socket(ctx, identity + HEARTBEAT_SUFFIX, endpoint)
+    `daemon_silence_s(interval)`. A stamped beat (remote workers) is echoed at once, so the
+    daemon measures the round trip without this thread's interval in it."""
+    s = _socket(ctx, identity + HEARTBEAT_SUFFIX, endpoint, curve)
     beat = pack({"op": WorkerMsg.HEARTBEAT})
     last_heard = time.monotonic()
     while True:
@@ -65,10 +76,14 @@ def heartbeat_loop(ctx: zmq.Context, identity: bytes, endpoint: str, interval: f
         deadline = time.monotonic() + interval
         while (left := deadline - time.monotonic()) > 0:
             if s.poll(left * 1000):
-                s.recv()
+                frame = s.recv()
                 last_heard = time.monotonic()
+                if len(frame) > len(beat):
+                    stamp = unpack(frame, max_bytes=4096).get(HEARTBEAT_TIME)
+                    if stamp is not None:
+                        s.send(pack({"op": WorkerMsg.HEARTBEAT, HEARTBEAT_ECHO: stamp}))
         if time.monotonic() - last_heard > daemon_silence_s(interval):
-            os._exit(0)  # the daemon is gone; nothing of ours outlives it
+            os._exit(gone_code)  # the daemon is gone; nothing of ours outlives it
 
 
 def daemon_silence_s(interval: float) -> float:
@@ -84,25 +99,33 @@ class Worker:
         self.spec = spec
         self.ctx = zmq.Context.instance()
         self.identity = spec["identity"].encode()
-        self.sock = _socket(self.ctx, self.identity, spec["endpoint"])
+        self.curve = spec.get("curve")
+        # a remote worker connects once it watches the handshake (remote_worker.dial)
+        self.sock = _socket(self.ctx, self.identity, spec["endpoint"], self.curve,
+                            connect=not spec.get("remote"))
         self.control: Any = None        # JobControl of the running job
         self.cache: Any = None          # the shared result cache, reported with each result
         self.stopping = False
+        self.greeted = False            # a remote worker says hello before it has a spec
 
     def send(self, msg: dict[str, Any]) -> None:
         self.sock.send(pack(msg))
 
     def start_heartbeat(self) -> None:
+        # a remote worker's daemon going silent is a failure its service manager restarts
+        # it after (EX_TEMPFAIL); a local worker ends quietly with its daemon
         threading.Thread(target=heartbeat_loop, daemon=True, name="heartbeat", args=(
             self.ctx, self.identity, self.spec["endpoint"],
-            self.spec["heartbeat_ms"] / 1000.0)).start()
+            self.spec["heartbeat_ms"] / 1000.0, self.curve,
+            75 if self.spec.get("remote") else 0)).start()
 
     def serve(self) -> int:
         from .engines import EngineContext, create
         from .batch_worker import BatchLoop
         from .engines.base import BatchEngine, EngineUnavailable
 
-        self.send({"op": WorkerMsg.HELLO, "pid": os.getpid()})
+        if not self.greeted:
+            self.send({"op": WorkerMsg.HELLO, "pid": os.getpid()})
         spec, domain = self.spec, self.spec["domain"]
         ectx = EngineContext(
             domain_name=spec["domain_name"], state_dir=spec["state_dir"],

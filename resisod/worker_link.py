@@ -12,8 +12,9 @@ from typing import Any
 import zmq
 
 from .jobs import Job
-from .protocol import (HARD_FRAME_LIMIT, HEARTBEAT_SUFFIX, Code, Event, ProtocolError,
-                       WorkerMsg, pack, unpack)
+from .protocol import (HARD_FRAME_LIMIT, HEARTBEAT_ECHO, HEARTBEAT_SUFFIX, Code, Event,
+                       ProtocolError, WorkerMsg, pack, unpack)
+from .remote_slots import note_rtt
 from .scheduler import Scheduler
 from .slots import Slot, SlotState
 from .subscriptions import Subscriptions
@@ -49,6 +50,9 @@ class WorkerLink:
         slot.last_seen = self.clock()
         op = msg.get("op")
         if op == WorkerMsg.HEARTBEAT:
+            echo = msg.get(HEARTBEAT_ECHO)  # a remote worker's answer to a stamped beat
+            if echo is not None and slot.remote is not None and isinstance(echo, float):
+                note_rtt(slot, self.clock() - echo)
             return NOTHING
         if op in (WorkerMsg.READY, WorkerMsg.DONE, WorkerMsg.FAILED) and "cache" in msg:
             slot.cache = msg["cache"]  # the shared cache's breaker, shown by `status`
@@ -106,9 +110,10 @@ class WorkerLink:
     def send_now(self, slot: Slot, msg: dict[str, Any]) -> None:
         """Send to a worker at once. The worker ROUTER is ROUTER_MANDATORY: a worker that is
         no longer connected (or not reading) refuses the message, and is treated as lost."""
+        sock = slot.sock or self.sock  # a remote worker's is the cluster's TCP ROUTER
         try:
-            self.sock.send(slot.identity, SNDMORE | NOBLOCK)
-            self.sock.send(pack(msg), NOBLOCK)
+            sock.send(slot.identity, SNDMORE | NOBLOCK)
+            sock.send(pack(msg), NOBLOCK)
         except zmq.ZMQError as exc:
             log.warning("worker %s refused a %s message (%s); treating it as lost", slot.name,
                         msg.get("op"), exc.strerror)

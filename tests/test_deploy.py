@@ -241,7 +241,18 @@ def test_k8s_deployment_agrees_with_the_image_and_the_config(tmp_path):
     # the gateway listens beyond loopback, so it needs its key: from the Secret, by name
     keys = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"] if "valueFrom" in e}
     assert keys["RESISO_API_KEY"] == {"name": secret["metadata"]["name"], "key": "api-key"}
-    assert set(secret["stringData"]) == {"api-key", "worker-key"}
+    assert set(secret["stringData"]) == {"api-key", "server.key", "server.key_secret"}
+    # the daemon's CURVE key pair, in the files `resiso keys init` writes, lands in the keys
+    # directory the daemon reads ([cluster] keys_dir's default, <state dir>/keys)
+    for name in ("server.key", "server.key_secret"):
+        lines = [ln.strip() for ln in secret["stringData"][name].splitlines()]
+        assert "curve" in lines and any(ln.startswith("public-key = ") for ln in lines)
+    assert "secret-key = " in secret["stringData"]["server.key_secret"]
+    (init,) = pod["initContainers"]
+    assert f"{state}/keys/" in init["command"][-1]
+    server_keys = {v["name"]: v for v in pod["volumes"] if "secret" in v}
+    (keys_volume,) = server_keys.values()
+    assert keys_volume["secret"]["secretName"] == secret["metadata"]["name"]
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
     assert svc["spec"]["ports"][0]["targetPort"] in (port["name"], port["containerPort"])
     redis = {d["kind"]: d for d in k8s("redis.yaml")}
