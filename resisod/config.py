@@ -151,6 +151,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "max_memory_mb": Key(0, _int(0)),
         "isolation": Key(True, _bool),
         "preempt_across_cores": Key(True, _bool),
+        # "adaptive": batch work pauses for realtime work on its device only while running
+        # beside it is measured to slow it by more than max_slowdown (resisod/corun.py);
+        # "always": it pauses whenever realtime work is busy there
+        "preemption": Key("adaptive", _str(("adaptive", "always"))),
+        "max_slowdown": Key(0.10, _num(0.0, 10.0)),
+        "probe_every_s": Key(5.0, _num(0.1, 3600.0)),
     },
     "resources.gpu_allocation": {
         "llm": Key(70, _int(0, 100)),

@@ -70,6 +70,7 @@ class Job:
     last_position: int = -1             # the queue position last told to watchers
     step_mark: float = 0.0              # monotonic time of dispatch, then of the last step
     eta_ms: float | None = None         # the remaining time last told: a countdown never rises
+    units: int = 0                      # tokens / audio chunks relayed (pace measurement)
     seq: int = 0                        # FIFO order within a priority class
 
     def streaming_watchers(self) -> Any:

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
-from . import preemption
+from . import corun, preemption
 from .breakers import WORKER_FAULTS, Breaker
 from .domains import Domain
 from .jobs import CANCELLED, JobTable, Job, Outcome, completed, failed, new_task_id, retry
@@ -100,6 +100,18 @@ class Scheduler:
                           for b, rts in (yields_to or {}).items()}
         self.turns = {b: preemption.Turn() for b in self.yields_to}
         self.floor = cfg["resources"]["gpu_allocation"]["image"] / 100.0
+        # work-conserving preemption: each realtime domain's measured pace, and a policy per
+        # (batch, realtime) pair that pauses only where co-running is measured to hurt
+        res = cfg["resources"]
+        self.adaptive = res["preemption"] == "adaptive"
+        self.corun_limits = {"max_slowdown": res["max_slowdown"],
+                             "probe_every_s": res["probe_every_s"],
+                             "probe_for_s": max(1.0, res["probe_every_s"] / 5)}
+        self.paces = {r.name: corun.Pace() for rts in self.yields_to.values() for r in rts}
+        self.yielders = {r: [self.domains[b] for b, rts in self.yields_to.items()
+                             if any(x.name == r for x in rts)] for r in self.paces}
+        self.policies = {(b, r.name): corun.Policy() for b, rts in self.yields_to.items()
+                         for r in rts}
         # a cancel is a request: an engine stuck between checkpoints (native code, a hung
         # device) never reads it, so past this grace its worker process is killed
         self.cancel_grace = cfg["daemon"]["cancel_grace_s"]
@@ -269,9 +281,15 @@ class Scheduler:
         """Pause or resume batch work so realtime work on a shared device runs alone."""
         for name, rts in self.yields_to.items():
             batch, turn = self.domains[name], self.turns[name]
-            busy = any(r.running or len(r.queue) for r in rts)
-            batch.account(now, busy)
-            paused = preemption.want_paused(now, busy, turn, self.floor)
+            busy_rts = [r for r in rts if r.running or len(r.queue)]
+            batch.account(now, bool(busy_rts))
+            pressure = bool(busy_rts)
+            if pressure and self.adaptive:
+                # every busy realtime domain must be measured unhurt for batch work to go on
+                pressure = not all([corun.want_corun(
+                    now, True, self.paces[r.name], len(r.running) or 1,
+                    self.policies[(name, r.name)], **self.corun_limits) for r in busy_rts])
+            paused = preemption.want_paused(now, pressure, turn, self.floor)
             if not preemption.apply(turn, paused):
                 continue
             batch.paused = paused
@@ -319,6 +337,38 @@ class Scheduler:
         elif name == Event.RESUMED:
             job.paused = False
             job.step_mark = self.clock()  # time spent paused is not step time
+
+    def paced(self, job: Job, name: str, fields: dict[str, Any]) -> None:
+        """A token or an audio chunk of a realtime job whose device batch work shares: its
+        cost per unit goes into the domain's pace, as measured alone or beside batch work.
+        A job's first token is left out (it carries the prompt's reading)."""
+        pace = self.paces.get(job.domain)
+        if pace is None or job.bumped:
+            return
+        now = self.clock()
+        if name == Event.TOKEN:
+            units = 1.0 if job.units else 0.0
+        elif name == Event.AUDIO:
+            pcm, rate = fields.get("pcm"), fields.get("sample_rate")
+            units = len(pcm) / 2 / rate if isinstance(pcm, bytes) and rate else 0.0
+        else:
+            return
+        if units > 0:
+            corunning = any(b.running and not b.paused for b in self.yielders[job.domain])
+            pace.observe((now - job.step_mark) / units,
+                         len(self.domains[job.domain].running), corunning)
+        job.units += 1
+        job.step_mark = now
+
+    def corun_view(self, batch: str) -> dict[str, Any] | None:
+        """What the work-conserving policy decided for a batch domain, per realtime domain
+        it yields to (`status`, `/metrics`)."""
+        if batch not in self.yields_to:
+            return None
+        return {r.name: {"state": p.state, "slowdown": None if p.slowdown is None
+                         else round(p.slowdown, 3)}
+                for r in self.yields_to[batch]
+                for p in [self.policies[(batch, r.name)]]} if self.adaptive else {}
 
     def running_job(self, slot: Slot, task_id: Any) -> Job | None:
         """The job a worker's message is about; None for a stray one (an ended job's id)."""

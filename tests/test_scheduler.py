@@ -536,3 +536,98 @@ def test_a_queued_job_that_outranks_a_bumped_one_keeps_its_place():
     sched.cancel(a)
     sched.job_failed(slot, a.task_id, Code.CANCELLED, "cancelled")
     assert slot.bumped == 1 and a.state == JobState.CANCELLED
+
+
+def corun_run(slowdown_at, seconds: float, token_s: float = 0.02, **daemon: Any):
+    """A realtime job streaming tokens without end beside a batch job on a shared device,
+    under the work-conserving policy, 5 ms ticks. A token takes `token_s` alone and
+    `token_s * (1 + slowdown_at(t))` while the batch job runs. Returns the timeline of
+    (t, batch running) and the scheduler."""
+    sched, clock, slots = make({"rt": {"kind": "null", "priority": "realtime"},
+                                "bt": {"kind": "null", "priority": "batch",
+                                       "preemptible": True}},
+                               yields_to={"bt": ["rt"]})
+    (bt_slot,), (rt_slot,) = slots["bt"], slots["rt"]
+    image = admit(sched, "bt", "batch", timeout_ms=0)
+    sched.dispatch()
+    chat = admit(sched, "rt", "realtime", timeout_ms=0)
+    start = clock.t
+    running = True
+    for s in of(sched.dispatch(), Signal):
+        running = s.op != WorkerMsg.PAUSE
+    timeline, next_token, next_tick = [], clock.t + token_s, clock.t + 0.005
+    while clock.t < start + seconds:
+        # the next event: a token (at its exact time: its cost is what is measured) or a tick
+        now = clock.advance(min(next_token, next_tick) - clock.t)
+        if now >= next_tick:
+            next_tick += 0.005
+        effects: list[Any] = []
+        if now >= next_token:
+            sched.paced(chat, "token", {})
+            t = now - start
+            next_token = now + token_s * (1 + (slowdown_at(t) if running else 0.0))
+            effects += sched.dispatch()
+        effects += sched.tick(now)
+        for s in of(effects, Signal):
+            assert s.job is image
+            running = s.op == WorkerMsg.RESUME
+        timeline.append((now - start, running))
+    return timeline, sched
+
+
+def share(timeline, t0: float, t1: float) -> float:
+    part = [r for t, r in timeline if t0 <= t < t1]
+    return sum(part) / len(part)
+
+
+def pauses(timeline, t0: float, t1: float) -> int:
+    return sum(1 for (a, ra), (b, rb) in zip(timeline, timeline[1:])
+               if ra and not rb and t0 <= b < t1)
+
+
+def test_harmless_co_running_is_never_paused_once_measured():
+    timeline, sched = corun_run(lambda t: 0.03, 60)
+    # the first tokens are measured alone (batch paused), then a probe finds no harm
+    assert share(timeline, 1, 60) == 1.0 and pauses(timeline, 1, 60) == 0
+    assert sched.corun_view("bt") == {"rt": {"state": "corun", "slowdown": pytest.approx(
+        0.03, abs=0.02)}}
+
+
+def test_harmful_co_running_pauses_at_once_and_keeps_the_floor():
+    timeline, sched = corun_run(lambda t: 0.6, 60)
+    view = sched.corun_view("bt")["rt"]
+    assert view["state"] in ("paused", "probe") and view["slowdown"] > 0.4
+    # the 30 % floor, plus the short probes every probe_every_s (5 s)
+    assert 0.28 <= share(timeline, 5, 60) <= 0.40
+    # a probe that finds harm ends within the few tokens it needs (+ the floor's slice)
+    stretches, run_from = [], None
+    for t, r in timeline:
+        if r and run_from is None:
+            run_from = t
+        elif not r and run_from is not None:
+            stretches.append(t - run_from)
+            run_from = None
+    assert stretches and max(stretches) <= 0.3 + 0.2
+
+
+def test_co_running_adapts_when_the_load_changes():
+    # harmless for 20 s, harmful for 20 s, harmless again
+    timeline, _ = corun_run(lambda t: 0.6 if 20 <= t < 40 else 0.02, 60)
+    assert share(timeline, 2, 20) == 1.0
+    assert share(timeline, 23, 40) <= 0.45        # paused to near the floor within 3 s
+    assert share(timeline, 48, 60) == 1.0          # co-running again after the next probe
+
+
+def test_preemption_always_pauses_whatever_is_measured():
+    sched, clock, slots = make({"rt": {"kind": "null", "priority": "realtime"},
+                                "bt": {"kind": "null", "priority": "batch",
+                                       "preemptible": True}},
+                               yields_to={"bt": ["rt"]})
+    assert sched.adaptive
+    cfg = config.build({"domains": {"rt": {"kind": "null", "priority": "realtime"},
+                                    "bt": {"kind": "null", "priority": "batch",
+                                           "preemptible": True}},
+                        "resources": {"preemption": "always"}})
+    slots2 = [Slot(domain=n, index=0, cpus=[], threads=1, sched="normal") for n in cfg["domains"]]
+    always = Scheduler(cfg, slots2, yields_to={"bt": ["rt"]}, clock=clock, wall=clock)
+    assert not always.adaptive and always.corun_view("bt") == {}

@@ -38,6 +38,12 @@ class DaemonCollector:
                                     labels=["domain"])
         rss = GaugeMetricFamily("resiso_worker_rss_bytes", "worker resident memory",
                                 labels=["domain", "worker"])
+        slowdown = GaugeMetricFamily("resiso_corun_slowdown", "realtime work's measured "
+                                     "slowdown beside a batch domain (0.1 = 10 % slower)",
+                                     labels=["batch", "realtime"])
+        corun_s = CounterMetricFamily("resiso_batch_seconds", "time a yielding batch domain's "
+                                      "jobs spent paused or running beside realtime work",
+                                      labels=["domain", "how"])
         places = GaugeMetricFamily("resiso_worker_batch_places", "jobs a worker runs at once "
                                    "(its capacity), and how many are taken",
                                    labels=["domain", "worker", "use"])
@@ -55,6 +61,12 @@ class DaemonCollector:
             cache.add_metric([name], d.get("cache_hits", 0))
             if d.get("cache"):
                 breaker.add_metric([name], 1.0 if d["cache"]["breaker"] == "open" else 0.0)
+            for rt, view in (d.get("corun") or {}).items():
+                if view["slowdown"] is not None:
+                    slowdown.add_metric([name, rt], view["slowdown"])
+            if "corun" in d:
+                corun_s.add_metric([name, "paused"], d.get("paused_s", 0.0))
+                corun_s.add_metric([name, "co_running"], d.get("co_running_s", 0.0))
             for w in d["workers"]:
                 if w["rss_mb"] is not None:
                     rss.add_metric([name, w["name"]], w["rss_mb"] * 2**20)
@@ -68,7 +80,8 @@ class DaemonCollector:
                     buckets = [(str(b), c) for b, c in zip(h["bounds"], h["cumulative"])]
                     buckets.append(("+Inf", h["count"]))
                     family.add_metric([name], buckets, h["sum"])
-        yield from (jobs, queue, running, preempt, cache, breaker, rss, places, dur, ttft)
+        yield from (jobs, queue, running, preempt, cache, breaker, rss, places, slowdown,
+                    corun_s, dur, ttft)
         gpu = GaugeMetricFamily("resiso_gpu_memory_used_bytes", "GPU memory in use",
                                 labels=["gpu", "name"])
         for g in st.get("gpus", []):
