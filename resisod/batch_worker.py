@@ -16,13 +16,18 @@ import zmq
 
 from .engines.base import BatchEngine, Cancelled, JobControl, JobError
 from .protocol import HARD_FRAME_LIMIT, Code, WorkerMsg, pack, unpack
+from .worker import is_gpu_oom
 
 RCVTIMEO, NOBLOCK = int(zmq.RCVTIMEO), int(zmq.NOBLOCK)
 
 
-def failure(task_id: str, exc: BaseException, results_dir: str) -> dict[str, Any]:
+def failure(task_id: str, exc: BaseException, results_dir: str,
+            budget_mb: float | None = None) -> dict[str, Any]:
     """The `failed` message for a job an exception ended."""
-    from .worker import os_failure
+    from .worker import gpu_oom_failure, os_failure
+    if is_gpu_oom(exc):
+        return {"op": WorkerMsg.FAILED, "task_id": task_id,
+                **gpu_oom_failure(exc, budget_mb)}
     if isinstance(exc, Cancelled):
         return {"op": WorkerMsg.FAILED, "task_id": task_id, "code": Code.CANCELLED,
                 "message": "cancelled"}
@@ -42,6 +47,7 @@ class BatchLoop:
         self.controls: dict[str, JobControl] = {}
         self.results_dir = os.path.join(worker.spec["state_dir"], "results")
         self.loaded = True
+        self.budget_mb = worker.spec.get("gpu_budget_mb")
 
     def serve(self) -> int:
         keep_alive = self.worker.spec["domain"].get("keep_alive_s") or None
@@ -118,7 +124,7 @@ class BatchLoop:
         except Exception as exc:  # refused (context_overflow, ...): the others go on
             if not isinstance(exc, (JobError, Cancelled)):
                 traceback.print_exc(file=sys.stderr)
-            self.worker.send({**failure(task_id, exc, self.results_dir),
+            self.worker.send({**failure(task_id, exc, self.results_dir, self.budget_mb),
                               **self.worker.cache_report()})
             return
         self.controls[task_id] = control
@@ -129,9 +135,12 @@ class BatchLoop:
         for control, outcome in self.engine.step():
             self.controls.pop(control.task_id, None)
             if isinstance(outcome, BaseException):
-                if not isinstance(outcome, (JobError, Cancelled, OSError)):
+                if not isinstance(outcome, (JobError, Cancelled, OSError)) and \
+                        not is_gpu_oom(outcome):
                     print("".join(traceback.format_exception(outcome)), file=sys.stderr)
-                reply = failure(control.task_id, outcome, self.results_dir)
+                reply = failure(control.task_id, outcome, self.results_dir, self.budget_mb)
+                if is_gpu_oom(outcome):
+                    self.engine.release_memory()
             else:
                 reply = {"op": WorkerMsg.DONE, "task_id": control.task_id, "result": outcome}
             self.worker.send({**reply, **self.worker.cache_report()})

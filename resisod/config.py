@@ -157,6 +157,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "preemption": Key("adaptive", _str(("adaptive", "always"))),
         "max_slowdown": Key(0.10, _num(0.0, 10.0)),
         "probe_every_s": Key(5.0, _num(0.1, 3600.0)),
+        # the VRAM plan (resisod/vram_plan.py): per worker process a CUDA context outside
+        # any allocator cap, a margin kept free, and no worker below gpu_min_worker_mb
+        "gpu_context_mb": Key(700.0, _num(0.0, 8192.0)),
+        "gpu_margin_pct": Key(5.0, _num(0.0, 50.0)),
+        "gpu_margin_min_mb": Key(512.0, _num(0.0)),
+        "gpu_min_worker_mb": Key(256.0, _num(0.0)),
     },
     "resources.gpu_allocation": {
         "llm": Key(70, _int(0, 100)),
@@ -225,6 +231,8 @@ DOMAIN_COMMON: dict[str, Key] = {
     "keep_alive_s": Key(0.0, _num(0, 7 * 86400)),  # a week; the worker waits in int32 ms
     "preemptible": Key(False, _bool),
     "timeout_ms": Key(0, _int(0)),
+    # this domain's percent of its GPU's memory; 0: its kind's [resources.gpu_allocation]
+    "gpu_percentage": Key(0, _int(0, 100)),
     # the engine's own settings (a plugin's), passed to it as they are
     "options": Key({}, _options),
 }
@@ -418,6 +426,8 @@ def build(raw: dict[str, Any]) -> dict[str, Any]:
             if d.get("workers") == 0:
                 errors.append(f"domains.{name}.workers: must be between 1 and 64 (0, remote "
                               f"workers only, needs [cluster] listen)")
+    from .devices import visible_device_errors  # an index past CUDA_VISIBLE_DEVICES
+    errors += visible_device_errors(cfg["domains"])
     cfg["aliases"] = _aliases(raw.get("aliases"), cfg["domains"], errors)
     if errors:
         raise ConfigError(errors)

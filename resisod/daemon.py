@@ -36,9 +36,9 @@ def open_daemon(cfg: dict[str, Any]) -> Broker:
     claim = SocketClaim(socket_path, cfg["daemon"]["socket_group"])
     claim.acquire()
     os.makedirs(state_dir, mode=0o750, exist_ok=True)
-    supervisor = Supervisor(cfg, state_dir, f"ipc://{worker_path}")
-    res = cfg["resources"]
     gpus = devices.probe()
+    supervisor = Supervisor(cfg, state_dir, f"ipc://{worker_path}", gpus=gpus)
+    res = cfg["resources"]
     yields_to = preemption.plan(cfg["domains"], supervisor.layout, gpus=len(gpus),
                                 across_cores=res["preempt_across_cores"]) \
         if res["isolation"] else {}

@@ -125,6 +125,8 @@ def null(p: dict[str, Any], domain: dict[str, Any]) -> dict[str, Any]:
         # the result write fails as on a full disk, where no small filesystem can be mounted
         "disk_full": field(p, "disk_full", bool, default=False),
         "crash": field(p, "crash", bool, default=False),
+        # the job fails as torch does when a CUDA allocation of this many MB fails
+        "oom_mb": _int(p, "oom_mb", 0, 10000000, 0),
         "fail": field(p, "fail", str, default=""),
         "write_file": field(p, "write_file", bool, default=False),
         "record": field(p, "record", str, default=""),

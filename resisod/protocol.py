@@ -120,6 +120,7 @@ class Code:
     UNSUPPORTED_VERSION = "unsupported_version"
     ENGINE_ERROR = "engine_error"
     STORAGE_FULL = "storage_full"
+    GPU_OOM = "gpu_oom"                  # a job asked for more GPU memory than its worker has
     UNKNOWN_DOMAIN = "unknown_domain"     # a remote worker's hello names no configured domain
 
 

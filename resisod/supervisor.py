@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import devices, isolation
+from . import devices, isolation, vram_plan
 from .protocol import HEARTBEAT_SUFFIX
 from .slots import Slot, SlotState
 
@@ -25,6 +25,8 @@ log = logging.getLogger("resisod.supervisor")
 SILENT_BEATS = 3           # heartbeat intervals of silence after which a worker is hung
 BACKOFF_BASE_S = 0.1       # first restart delay; doubles per consecutive crash
 STABLE_AFTER_S = 60.0      # ready this long before dying: not a crash loop, backoff resets
+LOAD_SILENCE_S = 10.0      # silence a starting/loading worker is allowed (see reap)
+LOADING_STATES = (SlotState.STARTING, SlotState.LOADING)
 GATEWAY_MIN_UP_S = 1.0     # a gateway that dies sooner is not restarted in a tight loop
 GATEWAY_CONFIG_EXIT = 2    # the gateway's exit status for a configuration it refuses
 
@@ -39,8 +41,13 @@ class Supervisor:
     slots: list[Slot] = field(default_factory=list)
     by_identity: dict[bytes, Slot] = field(default_factory=dict)
     layout: dict[str, list[int]] = field(default_factory=dict)
+    gpus: list[dict[str, Any]] = field(default_factory=list)   # devices.probe(), at start
 
     def __post_init__(self) -> None:
+        # raises vram_plan.PlanError (a ValueError): a plan that cannot hold stops the start
+        self.vram = vram_plan.plan_for(self.cfg, devices.visible_gpus(self.gpus))
+        for line in vram_plan.describe(self.vram):
+            log.info("VRAM plan: %s", line)
         isolate = self.cfg["resources"]["isolation"]
         self.layout = layout = isolation.auto_layout(self.cfg["domains"],
                                                      isolation.available_cpus(), isolate)
@@ -48,9 +55,11 @@ class Supervisor:
         for name, d in self.cfg["domains"].items():
             cpus = layout[name]
             for i in range(d["workers"]):
+                budget = self.vram.budget(name, i)
                 self.slots.append(Slot(domain=name, index=i, cpus=cpus,
                                        threads=isolation.thread_count(d, cpus, cpu_threads),
-                                       sched=isolation.scheduling_class(d, isolate)))
+                                       sched=isolation.scheduling_class(d, isolate),
+                                       vram_budget_mb=budget.budget_mb if budget else None))
 
     @property
     def heartbeat(self) -> float:
@@ -69,7 +78,8 @@ class Supervisor:
             "domain_name": slot.domain, "domain": d, "state_dir": self.state_dir,
             "heartbeat_ms": self.cfg["daemon"]["heartbeat_ms"], "cpus": slot.cpus,
             "sched": slot.sched, "threads": slot.threads,
-            "gpu_share": devices.memory_share(self.cfg, d),
+            "gpu_share": self.gpu_share(slot),
+            "gpu_budget_mb": slot.vram_budget_mb,
             "cache": self.cfg["cache"],
         }
         env = dict(os.environ)
@@ -86,6 +96,15 @@ class Supervisor:
         self.by_identity[slot.identity] = self.by_identity[slot.identity + HEARTBEAT_SUFFIX] = slot
         log.info("worker %s started pid=%d cpus=%s threads=%d sched=%s", slot.name,
                  slot.proc.pid, slot.cpus or "all", slot.threads, slot.sched)
+
+    def gpu_share(self, slot: Slot) -> float:
+        """The allocator cap of a torch worker: its planned budget over the card; without
+        a plan (no GPU seen at start) the domain's allocation, as a worker on a GPU the
+        daemon could not probe still needs some cap."""
+        budget = self.vram.budget(slot.domain, slot.index)
+        if budget is not None:
+            return budget.fraction
+        return devices.memory_share(self.cfg, self.cfg["domains"][slot.domain])
 
     def kill(self, slot: Slot, reason: str) -> None:
         if slot.remote is not None:
@@ -105,7 +124,12 @@ class Supervisor:
         for slot in self.slots:
             if slot.proc is None:
                 continue
-            if slot.state != SlotState.FAILED and now - slot.last_seen > SILENT_BEATS * hb:
+            # a starting or loading worker imports model libraries and initialises a device,
+            # which can hold the interpreter for a second (torch + CUDA: 340 ms measured):
+            # its silence is judged against a limit of its own, not the steady beat
+            limit = SILENT_BEATS * hb if slot.state not in LOADING_STATES else \
+                max(LOAD_SILENCE_S, SILENT_BEATS * hb)
+            if slot.state != SlotState.FAILED and now - slot.last_seen > limit:
                 self.kill(slot, f"no heartbeat for {now - slot.last_seen:.1f}s (hung)")
             code = slot.proc.poll()
             if code is None:

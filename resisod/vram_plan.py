@@ -202,3 +202,13 @@ def describe(p: VramPlan) -> list[str]:
                      f"margin {gp.margin_mb:.0f}, budgets {gp.budgets_mb:.0f}, free "
                      f"{gp.free_mb:.0f} MB; {per}")
     return lines
+
+
+def plan_for(cfg: dict[str, Any], gpus: list[dict[str, Any]]) -> VramPlan:
+    """The plan for a daemon's configuration (its local workers) on the GPUs it sees."""
+    res = cfg["resources"]
+    domains = {name: {**d, "share_pct": d.get("gpu_percentage") or None}
+               for name, d in cfg["domains"].items()}
+    return plan(gpus, domains, res["gpu_allocation"], context_mb=res["gpu_context_mb"],
+                margin_pct=res["gpu_margin_pct"], margin_min_mb=res["gpu_margin_min_mb"],
+                floor_mb=res["gpu_min_worker_mb"])

@@ -131,7 +131,8 @@ class Worker:
             domain_name=spec["domain_name"], state_dir=spec["state_dir"],
             results_dir=os.path.join(spec["state_dir"], "results"),
             device=devices.engine_device(domain["device"]),
-            threads=spec["threads"], gpu_share=spec["gpu_share"])
+            threads=spec["threads"], gpu_share=spec["gpu_share"],
+            gpu_budget_mb=spec.get("gpu_budget_mb"))
         os.makedirs(ectx.results_dir, exist_ok=True)
         try:
             t0 = time.monotonic()
@@ -216,9 +217,14 @@ class Worker:
             reply = {"op": WorkerMsg.FAILED, "task_id": task_id,
                      **os_failure(exc, os.path.join(self.spec["state_dir"], "results"))}
         except Exception as exc:
-            traceback.print_exc(file=sys.stderr)
-            reply = {"op": WorkerMsg.FAILED, "task_id": task_id,
-                     "code": Code.ENGINE_ERROR, "message": f"{type(exc).__name__}: {exc}"}
+            if is_gpu_oom(exc):
+                reply = {"op": WorkerMsg.FAILED, "task_id": task_id,
+                         **gpu_oom_failure(exc, self.spec.get("gpu_budget_mb"))}
+                engine.release_memory()  # what the job held goes back; the next one runs
+            else:
+                traceback.print_exc(file=sys.stderr)
+                reply = {"op": WorkerMsg.FAILED, "task_id": task_id, "code": Code.ENGINE_ERROR,
+                         "message": f"{type(exc).__name__}: {exc}"}
         self.send({**reply, **self.cache_report()})
 
     def cache_report(self) -> dict[str, Any]:
@@ -247,6 +253,23 @@ class Worker:
                 control.pause()
             elif op == WorkerMsg.RESUME:
                 control.resume()
+
+
+def is_gpu_oom(exc: BaseException) -> bool:
+    """torch's CUDA out-of-memory error (torch.cuda.OutOfMemoryError, torch.OutOfMemoryError),
+    told by name: the worker itself never imports torch."""
+    return type(exc).__name__ == "OutOfMemoryError" and \
+        type(exc).__module__.split(".")[0] == "torch"
+
+
+def gpu_oom_failure(exc: BaseException, budget_mb: float | None) -> dict[str, str]:
+    """The code and message for a job that ran out of GPU memory: what it asked for (torch's
+    own words) and the budget it had, so the user knows to ask for less or give more."""
+    asked = str(exc).split("\n")[0].strip()
+    budget = f"this worker's VRAM budget is {budget_mb:.0f} MB" if budget_mb else \
+        "this worker has no VRAM budget planned (its GPU was not probed at start)"
+    return {"code": Code.GPU_OOM, "message": f"out of GPU memory: {asked}; {budget}. Ask for "
+            f"less (a smaller size or fewer steps), or raise the domain's gpu_allocation"}
 
 
 def os_failure(exc: OSError, results_dir: str) -> dict[str, str]:

@@ -445,3 +445,20 @@ def test_a_worker_failing_job_after_job_rests_then_takes_one_trial(make_daemon):
         waited = time.monotonic() - t0
         assert final["event"] == "result" and 1.0 < waited < 5.0, waited
         assert c.status()["domains"]["null"]["workers"][0]["breaker"]["state"] == "closed"
+
+
+def test_a_gpu_out_of_memory_fails_the_job_and_the_worker_serves_on(make_daemon):
+    """torch's own OutOfMemoryError raised inside a job (the null engine's `oom_mb`, as a
+    GPU engine raises it): `gpu_oom` with what was asked for, the same worker runs the
+    next job."""
+    # importing torch mid-job holds the GIL longer than 3 beats of 100 ms
+    d = make_daemon(CONFIG.replace("heartbeat_ms = 100", "heartbeat_ms = 1000"))
+    with d.client() as c:
+        pid = c.status()["domains"]["null"]["workers"][0]["pid"]
+        final = c.submit("null", {"oom_mb": 20480}).wait()
+        assert final["event"] == "error" and final["code"] == "gpu_oom", final
+        assert "Tried to allocate 20480 MiB" in final["message"]
+        assert "VRAM budget" in final["message"] and "gpu_allocation" in final["message"]
+        assert c.submit("null", {"steps": 2}).wait()["event"] == "result"
+        w = c.status()["domains"]["null"]["workers"][0]
+        assert w["pid"] == pid and w["restarts"] == 0

@@ -7,6 +7,8 @@ import json
 import os
 from typing import Any
 
+import pytest
+
 from resisod import config
 from resisod.slots import SlotState
 from resisod.supervisor import Supervisor
@@ -64,6 +66,14 @@ def test_a_silent_worker_is_killed_after_three_heartbeats():
     sup, clock, _ = make({"n": {"kind": "null"}})
     sup.start_all()
     (slot,) = sup.slots
+    # while it starts and loads (importing model libraries can hold the interpreter a
+    # while), its silence is judged against LOAD_SILENCE_S
+    for state in (SlotState.STARTING, SlotState.LOADING):
+        slot.state = state
+        clock.t += 5.0
+        assert sup.reap() == []
+        slot.last_seen = clock.t
+    slot.state = SlotState.READY
     clock.t += 0.29
     assert sup.reap() == []
     clock.t += 0.02
@@ -123,3 +133,45 @@ def test_the_memory_watchdog_kills_a_worker_over_its_budget():
     assert big.kill_reason == "memory_limit" and big.proc.poll() == -9
     assert big.rss_mb > 1 and free.proc.poll() is None
     assert sup.memory_budget(big) == 1 and sup.memory_budget(free) == 0
+
+
+def test_gpu_workers_get_their_budget_from_the_vram_plan():
+    """A 24 GB card seen by an injected probe: LLM 70 % / image 30 % of what the contexts and
+    margin leave, split over the image domain's two workers; the speech domain on the CPU
+    takes nothing."""
+    cfg = config.build({"domains": {
+        "llm": {"kind": "llm", "model": "builtin:smollm2-135m-instruct", "device": "cuda:0"},
+        "image": {"kind": "image", "device": "cuda:0", "workers": 2},
+        "tts": {"kind": "tts", "device": "cpu"}}})
+    started: list[Proc] = []
+
+    def spawn(argv: list[str], *, env: dict[str, str], **_: Any) -> Proc:
+        started.append(Proc(env))
+        return started[-1]
+
+    gpus = [{"index": 0, "name": "card", "total_mb": 24576.0, "used_mb": 0.0,
+             "processes": {}}]
+    sup = Supervisor(cfg, "/tmp/state", "ipc:///tmp/w.sock", spawn=spawn, gpus=gpus)
+    sup.start_all()
+    specs = {json.loads(p.env["RESISO_WORKER_SPEC"])["identity"]:
+             json.loads(p.env["RESISO_WORKER_SPEC"]) for p in started}
+    llm, img0, img1, tts = (specs[k] for k in ("llm.0#1", "image.0#1", "image.1#1", "tts.0#1"))
+    usable = 24576 - 3 * 700 - 0.05 * 24576           # three GPU processes, 5 % margin
+    assert llm["gpu_budget_mb"] == pytest.approx(0.7 * usable, abs=2)
+    assert img0["gpu_budget_mb"] == img1["gpu_budget_mb"] == pytest.approx(0.15 * usable, abs=2)
+    assert img0["gpu_share"] == pytest.approx(img0["gpu_budget_mb"] / 24576)
+    assert tts["gpu_budget_mb"] is None
+    total = sum(s["gpu_budget_mb"] for s in (llm, img0, img1)) + 3 * 700 + 0.05 * 24576
+    assert total <= 24576
+    # the same in status
+    assert [s.vram_budget_mb for s in sup.slots if s.domain == "image"] == \
+        [img0["gpu_budget_mb"]] * 2
+
+
+def test_an_impossible_vram_plan_stops_the_start_with_its_numbers():
+    cfg = config.build({"domains": {
+        "image": {"kind": "image", "device": "cuda:0", "workers": 4}}})
+    gpus = [{"index": 0, "total_mb": 4096.0, "used_mb": 0.0, "processes": {}}]
+    with pytest.raises(ValueError, match=r"4096"):
+        Supervisor(cfg, "/tmp/state", "ipc:///tmp/w.sock", spawn=lambda *a, **k: None,
+                   gpus=gpus)

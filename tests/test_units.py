@@ -148,3 +148,24 @@ def test_prompt_cache_stream_choice():
     assert worth_waiting(streams, [reading], list(range(500, 690)) + [1])
     assert not worth_waiting(streams, [reading], list(range(500, 505)) + [1])
     assert not worth_waiting(streams, [], system + [1])
+
+
+def test_config_toml_shows_every_key_with_its_default():
+    """The repository's config.toml is the reference of every setting: each section and
+    each default domain lists every key, at its default value."""
+    import os
+    import tomllib
+
+    from resisod import config
+    built = config.build({})
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "config.toml"),
+              "rb") as f:
+        doc = tomllib.load(f)
+    for section in ("daemon", "logging", "resources", "http", "cache", "cluster"):
+        want = {k: v for k, v in built[section].items() if k != "gpu_allocation"}
+        got = {k: v for k, v in doc[section].items() if k != "gpu_allocation"}
+        assert got == want, section
+    assert doc["resources"]["gpu_allocation"] == built["resources"]["gpu_allocation"]
+    assert set(doc["domains"]) == set(built["domains"])
+    for name, d in doc["domains"].items():
+        assert d == built["domains"][name], name

@@ -116,6 +116,14 @@ class Engine:
     def unload(self) -> None:
         """Free the model (idle unload); `load` is called again before the next job."""
 
+    def release_memory(self) -> None:
+        """After a job ran out of GPU memory: give back what it held, so the next job runs.
+        Torch keeps freed blocks cached for itself; empty that cache."""
+        import sys
+        torch = sys.modules.get("torch")  # only if the engine already uses it
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
 
 Outcome = Any  # a result dict, or the exception that ended the job (Cancelled, JobError, ...)
 

@@ -2,7 +2,7 @@
 
 It emits `steps` progress events with `delay_ms` between them, and can be asked to hold
 memory (`alloc_mb`), block without checkpoints (`block_ms`), crash the worker (`crash`, or
-`crash_signal` at `crash_at_step`), write a large result (`write_mb`) or fail with a code
+`crash_signal` at `crash_at_step`), run out of GPU memory (`oom_mb`), write a large result (`write_mb`) or fail with a code
 (`fail`), so the daemon's supervision paths can be exercised with real processes.
 """
 from __future__ import annotations
@@ -49,6 +49,12 @@ class NullEngine(Engine):
                 hold[i] = 1
         if params["crash"]:
             os._exit(70)
+        if params["oom_mb"]:
+            # torch's own error type, as a GPU engine raises it: the worker's OOM handling is
+            # tested without a GPU
+            import torch
+            raise torch.cuda.OutOfMemoryError(
+                f"CUDA out of memory. Tried to allocate {params['oom_mb']} MiB")
         if params["block_ms"]:
             time.sleep(params["block_ms"] / 1000.0)  # no checkpoint: cancels go unheard
         steps, delay = params["steps"], params["delay_ms"] / 1000.0

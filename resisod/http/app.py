@@ -26,7 +26,7 @@ from .metrics import GatewayMetrics
 STATUS_HTTP = {Code.BAD_REQUEST: 400, Code.CONTEXT_OVERFLOW: 400, Code.TOO_LARGE: 413,
                Code.NOT_FOUND: 404, Code.MODEL_NOT_FOUND: 404, Code.QUEUE_FULL: 429,
                Code.ENGINE_UNAVAILABLE: 503, Code.SHUTTING_DOWN: 503, Code.TIMEOUT: 504,
-               Code.STORAGE_FULL: 507}
+               Code.STORAGE_FULL: 507, Code.GPU_OOM: 507}
 SEED_STATUS = {"running": "processing"}  # the seed API calls a running job "processing"
 
 
