@@ -31,7 +31,8 @@ def auto_layout(domains: dict[str, dict[str, Any]], cpus: list[int],
     cores) floats over every core, so that its workers can run side by side: while the LLM
     decodes, the kernel puts a lone speech job on the other core, and only a second concurrent
     one shares the LLM's core (both realtime; each gets about half of it).
-    With 2 cores: llm -> [0], image -> [1], tts (2 workers) -> [0, 1], tts-zh -> [1].
+    With 2 cores: llm -> [0], image -> [1], tts (2 workers) -> [0, 1], tts-zh -> [1]; the
+    first tts worker keeps to [1] (`worker_cpus`).
     """
     layout: dict[str, list[int]] = {}
     if len(cpus) < 2 or not isolate:
@@ -53,6 +54,21 @@ def auto_layout(domains: dict[str, dict[str, Any]], cpus: list[int],
         else:
             layout[name] = list(back)
     return layout
+
+
+def worker_cpus(domains: dict[str, dict[str, Any]], layout: dict[str, list[int]], name: str,
+                index: int) -> list[int]:
+    """One worker's CPU set: its domain's, except the first worker of a realtime domain the
+    auto layout spread over the LLM's cores (speech with more workers than other cores):
+    that one stays off them. The scheduler gives a lone job to the first free worker, so a
+    lone speech request never lands on the LLM's core; only concurrent ones spread there."""
+    d, cpus = domains[name], layout[name]
+    if index > 0 or d["cpus"] or d["kind"] == "llm" or d["priority"] != "realtime":
+        return cpus
+    llm = {c for n, o in domains.items() if o["kind"] == "llm" and o["priority"] == "realtime"
+           for c in layout.get(n, [])}
+    own = [c for c in cpus if c not in llm]
+    return own if own and len(own) < len(cpus) else cpus
 
 
 def daemon_cpus(layout: dict[str, list[int]], domains: dict[str, dict[str, Any]],

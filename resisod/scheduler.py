@@ -281,7 +281,8 @@ class Scheduler:
         """Pause or resume batch work so realtime work on a shared device runs alone."""
         for name, rts in self.yields_to.items():
             batch, turn = self.domains[name], self.turns[name]
-            busy_rts = [r for r in rts if r.running or len(r.queue)]
+            busy_rts = [r for r in rts if (r.running or len(r.queue)) and self._contends(
+                name, r.name)]
             batch.account(now, bool(busy_rts))
             pressure = bool(busy_rts)
             if pressure and self.adaptive:
@@ -300,9 +301,27 @@ class Scheduler:
             if paused and batch.running:
                 batch.preemptions += 1
 
+    def _contends(self, batch: str, realtime: str) -> bool:
+        """Whether two domains the start-up plan paired really share a device, by where
+        their workers report computing: a realtime domain that fell back to the CPU (no
+        GPU build, no GPU) does not make a GPU batch domain yield, nor the other way round.
+        Until both have reported, the plan (from the configuration) stands."""
+        a, b = self._runs_on(batch), self._runs_on(realtime)
+        if a is None or b is None:
+            return True
+        return bool(a & b)
+
+    def _runs_on(self, domain: str) -> set[str] | None:
+        """"cpu" and/or "gpu": where the domain's ready workers compute; None: none said."""
+        kinds = {"cpu" if s.runs_on.get("device", "cpu") == "cpu" else "gpu"
+                 for s in self.slots_of[domain] if s.runs_on is not None}
+        return kinds or None
+
     # --- worker events -----------------------------------------------------------------------
-    def worker_ready(self, slot: Slot, warm_up: Any = None, capacity: Any = 1) -> list[Any]:
+    def worker_ready(self, slot: Slot, warm_up: Any = None, capacity: Any = 1,
+                     runs_on: Any = None) -> list[Any]:
         slot.state, slot.ready_since, slot.loaded = SlotState.READY, self.clock(), True
+        slot.runs_on = runs_on if isinstance(runs_on, dict) else None
         slot.capacity = capacity if isinstance(capacity, int) and capacity >= 1 else 1
         slot.load_failures = 0
         self.dispatch_due = True

@@ -26,6 +26,7 @@ def worker_view(slot: Slot, device: str, gpus: list[dict[str, Any]]) -> dict[str
         "rss_mb": round(slot.rss_mb, 1) if slot.rss_mb is not None else None,
         "vram_mb": devices.vram_mb(gpus, slot.pid) if gpus else None,
         "vram_budget_mb": slot.vram_budget_mb,
+        "runs_on": slot.runs_on,
         "breaker": slot.breaker.view() if slot.breaker is not None else None,
         "job": slot.job.task_id if slot.job else None,
         # a batching worker: its places, and the jobs it holds (bumped ones paused)

@@ -53,8 +53,8 @@ class Supervisor:
                                                      isolation.available_cpus(), isolate)
         cpu_threads = self.cfg["resources"]["cpu_threads"]
         for name, d in self.cfg["domains"].items():
-            cpus = layout[name]
             for i in range(d["workers"]):
+                cpus = isolation.worker_cpus(self.cfg["domains"], layout, name, i)
                 budget = self.vram.budget(name, i)
                 self.slots.append(Slot(domain=name, index=i, cpus=cpus,
                                        threads=isolation.thread_count(d, cpus, cpu_threads),

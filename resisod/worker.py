@@ -150,6 +150,7 @@ class Worker:
             return 3
         self.send({"op": WorkerMsg.READY, "capacity": engine.capacity if batched else 1,
                    "warm_up": warm_up, "load_ms": (time.monotonic() - t0) * 1000,
+                   "runs_on": engine.runs_on(),
                    **self.cache_report()})
         if batched:
             def reload() -> Any:

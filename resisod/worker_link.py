@@ -82,7 +82,8 @@ class WorkerLink:
             slot.cache = None  # a new process: its predecessor's counters went with it
         elif op == WorkerMsg.READY:
             log.info("worker %s ready (load %.0f ms)", slot.name, msg.get("load_ms", 0))
-            return self.sched.worker_ready(slot, msg.get("warm_up"), msg.get("capacity", 1))
+            return self.sched.worker_ready(slot, msg.get("warm_up"), msg.get("capacity", 1),
+                                           msg.get("runs_on"))
         elif op == WorkerMsg.LOAD_FAILED:
             reason = str(msg.get("reason", "engine failed to load"))
             log.error("worker %s failed to load its engine: %s", slot.name, reason)

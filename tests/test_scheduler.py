@@ -631,3 +631,33 @@ def test_preemption_always_pauses_whatever_is_measured():
     slots2 = [Slot(domain=n, index=0, cpus=[], threads=1, sched="normal") for n in cfg["domains"]]
     always = Scheduler(cfg, slots2, yields_to={"bt": ["rt"]}, clock=clock, wall=clock)
     assert not always.adaptive and always.corun_view("bt") == {}
+
+
+def test_a_worker_that_computes_on_the_cpu_never_makes_a_gpu_domain_yield():
+    """Device truth: the start-up plan pairs an image domain with a realtime domain on the
+    same GPU by their configuration; once the realtime worker reports that it runs on the
+    CPU (a CPU build, no usable GPU), its work no longer pauses the image."""
+    sched, clock, slots = make({"rt": {"kind": "null", "priority": "realtime"},
+                                "bt": {"kind": "null", "priority": "batch",
+                                       "preemptible": True}},
+                               yields_to={"bt": ["rt"]}, ready=False)
+    (bt_slot,), (rt_slot,) = slots["bt"], slots["rt"]
+    sched.worker_ready(bt_slot, None, 1, {"device": "cuda"})
+    sched.worker_ready(rt_slot, None, 1, {"device": "cpu", "build": "llama.cpp (cpu)"})
+    image = admit(sched, "bt", "batch", timeout_ms=0)
+    sched.dispatch()
+    admit(sched, "rt", "realtime")
+    effects = sched.dispatch() + sched.tick(clock.advance(0.1))
+    assert not of(effects, Signal) and not sched.domains["bt"].paused
+    assert image.state == JobState.RUNNING
+    # the same pair, both on the GPU: the image yields at once
+    sched2, clock2, slots2 = make({"rt": {"kind": "null", "priority": "realtime"},
+                                   "bt": {"kind": "null", "priority": "batch",
+                                          "preemptible": True}},
+                                  yields_to={"bt": ["rt"]}, ready=False)
+    for s in (slots2["bt"][0], slots2["rt"][0]):
+        sched2.worker_ready(s, None, 1, {"device": "cuda"})
+    admit(sched2, "bt", "batch", timeout_ms=0)
+    sched2.dispatch()
+    admit(sched2, "rt", "realtime")
+    assert [s.op for s in of(sched2.dispatch(), Signal)] == [WorkerMsg.PAUSE]

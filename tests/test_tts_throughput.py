@@ -32,6 +32,10 @@ def test_default_layout_gives_the_speech_workers_a_core_each():
     assert layout["tts"] == [0, 1] and layout["llm"] == [0]
     assert layout["tts-zh"] == [1] and layout["image"] == [1]
     assert isolation.thread_count(tts, layout["tts"], 0) == 1
+    # ... but the first, which takes a lone request, keeps off the LLM's core
+    assert [isolation.worker_cpus(cfg["domains"], layout, "tts", i) for i in (0, 1)] == \
+        [[1], [0, 1]]
+    assert isolation.worker_cpus(cfg["domains"], layout, "llm", 0) == [0]
     # enough batch cores: the speech workers stay off the LLM's
     layout = isolation.auto_layout(cfg["domains"], [0, 1, 2, 3])
     assert layout["llm"] == [0, 1] and layout["tts"] == [2, 3]

@@ -116,6 +116,13 @@ class Engine:
     def unload(self) -> None:
         """Free the model (idle unload); `load` is called again before the next job."""
 
+    def runs_on(self) -> dict[str, Any]:
+        """Where the loaded engine really computes, reported to the daemon when ready:
+        {"device": "cpu" or "cuda", ...}. The configured device is only a wish ("auto" on a
+        machine without a usable GPU, a CPU build of a library): preemption and status go
+        by this. Torch engines set `self.device`; others run on the CPU unless they say."""
+        return {"device": getattr(self, "device", "cpu")}
+
     def release_memory(self) -> None:
         """After a job ran out of GPU memory: give back what it held, so the next job runs.
         Torch keeps freed blocks cached for itself; empty that cache."""

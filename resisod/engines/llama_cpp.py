@@ -120,6 +120,11 @@ class LlamaCppEngine(BatchEngine):
         self.ended: list[tuple[JobControl, Any]] = []
         self.saved_bytes = 0
 
+    def runs_on(self) -> dict[str, Any]:
+        build = "cuda" if self.L.llama_supports_gpu_offload() else "cpu"
+        return {"device": "cuda" if self.gpu_layers != 0 else "cpu",
+                "build": f"llama.cpp ({build})", "gpu_layers": self.gpu_layers}
+
     def _gpu_layers(self, path: str) -> int:
         """Layers to offload: all (-1) without a budget; else what fits it, and an explicit
         `gpu_layers` beyond that is refused with the numbers."""
