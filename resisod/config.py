@@ -127,7 +127,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "max_clients": Key(64, _int(1, 100000)),
         "request_timeout_ms": Key(120000, _int(0)),
         "batch_timeout_ms": Key(3600000, _int(0)),
-        "heartbeat_ms": Key(500, _int(20, 60000)),
+        # a worker holding the interpreter (a model library's import, a step in Python)
+        # misses beats; below 50 ms that kills healthy workers
+        "heartbeat_ms": Key(500, _int(50, 60000)),
         "max_request_bytes": Key(1048576, _int(1024, 64 * 1024 * 1024)),
         "result_ttl_hours": Key(24.0, _num(0)),
         "shutdown_grace_s": Key(10.0, _num(0, 3600)),
@@ -233,6 +235,9 @@ DOMAIN_COMMON: dict[str, Key] = {
     "timeout_ms": Key(0, _int(0)),
     # this domain's percent of its GPU's memory; 0: its kind's [resources.gpu_allocation]
     "gpu_percentage": Key(0, _int(0, 100)),
+    # GPU memory per worker, as NVML counts it (CUDA context included), past which the worker
+    # is restarted and its job fails memory_limit; 0: its VRAM plan budget + gpu_context_mb
+    "max_vram_mb": Key(0, _int(0)),
     # the engine's own settings (a plugin's), passed to it as they are
     "options": Key({}, _options),
 }

@@ -428,17 +428,18 @@ class Scheduler:
                 self.dispatch_due = True
         return job
 
-    def worker_lost(self, slot: Slot, reason: str, *, memory_mb: int | None = None) -> list[Any]:
-        """A worker process died or was killed (`memory_mb`: by the memory watchdog, at that
-        budget). Its supervisor already scheduled the restart."""
+    def worker_lost(self, slot: Slot, reason: str, *,
+                    limit: tuple[str, float | None] | None = None) -> list[Any]:
+        """A worker process died or was killed (`limit`: by the memory watchdog, which
+        memory and its budget). Its supervisor already scheduled the restart."""
         jobs = [j for j in slot.jobs.values() if not j.finished]
         slot.jobs, slot.bumped = {}, 0
         if jobs:
             slot.breaker.failed(self.clock())
         for job in jobs:  # a batching worker takes all of its jobs with it, each retried
-            if memory_mb is not None:
-                outcome = failed(Code.MEMORY_LIMIT, f"the worker passed its memory budget of "
-                                 f"{memory_mb} MB and was restarted")
+            if limit is not None:
+                outcome = failed(Code.MEMORY_LIMIT, f"the worker passed its {limit[0]} budget "
+                                 f"of {limit[1]:.0f} MB and was restarted")
             elif job.on_cancel is not None:
                 outcome = job.on_cancel
             elif job.attempts < self.policy.crash_attempts and not self.stopping:

@@ -25,6 +25,7 @@ log = logging.getLogger("resisod.supervisor")
 SILENT_BEATS = 3           # heartbeat intervals of silence after which a worker is hung
 BACKOFF_BASE_S = 0.1       # first restart delay; doubles per consecutive crash
 STABLE_AFTER_S = 60.0      # ready this long before dying: not a crash loop, backoff resets
+VRAM_EVERY_S = 2.0         # NVML's process list costs milliseconds: sampled this often
 LOAD_SILENCE_S = 10.0      # silence a starting/loading worker is allowed (see reap)
 LOADING_STATES = (SlotState.STARTING, SlotState.LOADING)
 GATEWAY_MIN_UP_S = 1.0     # a gateway that dies sooner is not restarted in a tight loop
@@ -42,6 +43,8 @@ class Supervisor:
     by_identity: dict[bytes, Slot] = field(default_factory=dict)
     layout: dict[str, list[int]] = field(default_factory=dict)
     gpus: list[dict[str, Any]] = field(default_factory=list)   # devices.probe(), at start
+    probe: Callable[[], list[dict[str, Any]]] = devices.probe  # NVML, for the VRAM watchdog
+    next_vram: float = 0.0
 
     def __post_init__(self) -> None:
         # raises vram_plan.PlanError (a ValueError): a plan that cannot hold stops the start
@@ -169,17 +172,40 @@ class Supervisor:
         return self.cfg["domains"][slot.domain]["max_memory_mb"] or \
             self.cfg["resources"]["max_memory_mb"]
 
+    def vram_budget(self, slot: Slot) -> float | None:
+        """MB of GPU memory (as NVML counts a process: its CUDA context included) a slot's
+        worker may hold; None: not watched (not on a planned GPU, and no max_vram_mb)."""
+        given = self.cfg["domains"][slot.domain]["max_vram_mb"]
+        if given:
+            return float(given)
+        if slot.vram_budget_mb is None:
+            return None
+        return slot.vram_budget_mb + self.cfg["resources"]["gpu_context_mb"]
+
     def check_memory(self) -> list[Slot]:
-        """Sample RSS; kill workers over their domain's budget. Returns the slots killed."""
+        """Sample RSS (host memory only), and every VRAM_EVERY_S the GPU memory NVML reports
+        per process; kill workers over either budget. Returns the slots killed."""
         killed = []
+        now = self.clock()
+        vram = None
+        if self.vram.workers and now >= self.next_vram:
+            self.next_vram = now + VRAM_EVERY_S
+            vram = self.probe()
         for slot in self.slots:
             if slot.proc is None or slot.proc.poll() is not None:
                 continue
             slot.rss_mb = isolation.rss_mb(slot.proc.pid)
             budget = self.memory_budget(slot)
+            reason = ""
             if budget and slot.rss_mb is not None and slot.rss_mb > budget:
-                slot.kill_reason = "memory_limit"
-                self.kill(slot, "memory_limit")
+                reason = "memory_limit"
+            if vram is not None:
+                used, limit = devices.vram_mb(vram, slot.proc.pid), self.vram_budget(slot)
+                if used is not None and limit is not None and used > limit:
+                    reason = "vram_limit"
+            if reason:
+                slot.kill_reason = reason
+                self.kill(slot, reason)
                 killed.append(slot)
         return killed
 

@@ -101,12 +101,15 @@ class WorkerLink:
         effects: list[Any] = []
         for slot, reason in self.supervisor.reap():
             load_failed = slot.state == SlotState.FAILED
-            memory = slot.kill_reason == "memory_limit"
+            limit = None
+            if slot.kill_reason == "memory_limit":
+                limit = ("memory", self.supervisor.memory_budget(slot))
+            elif slot.kill_reason == "vram_limit":
+                limit = ("GPU memory", self.supervisor.vram_budget(slot))
             delay = self.supervisor.schedule_restart(
                 slot, slot.last_error if load_failed else reason, load_failed=load_failed)
             log.warning("worker %s died (%s); restart in %.1fs", slot.name, reason, delay)
-            effects += self.sched.worker_lost(
-                slot, reason, memory_mb=self.supervisor.memory_budget(slot) if memory else None)
+            effects += self.sched.worker_lost(slot, reason, limit=limit)
         return effects
 
     # --- out (sent at once) -----------------------------------------------------------------------

@@ -242,7 +242,7 @@ def test_a_memory_kill_fails_the_job_without_retry():
     sched, _, slots = make({"n": {"kind": "null"}})
     job = admit(sched)
     sched.dispatch()
-    effects = sched.worker_lost(slots["n"][0], "memory_limit", memory_mb=150)
+    effects = sched.worker_lost(slots["n"][0], "memory_limit", limit=("memory", 150))
     assert [e.job for e in of(effects, Ended)] == [job] and job.attempts == 1
     assert job.error["code"] == Code.MEMORY_LIMIT and "150 MB" in job.error["message"]
 

@@ -175,3 +175,38 @@ def test_an_impossible_vram_plan_stops_the_start_with_its_numbers():
     with pytest.raises(ValueError, match=r"4096"):
         Supervisor(cfg, "/tmp/state", "ipc:///tmp/w.sock", spawn=lambda *a, **k: None,
                    gpus=gpus)
+
+
+def test_the_vram_watchdog_restarts_a_worker_past_its_gpu_budget():
+    """NVML's per-process figure (an injected probe) against the plan's budget plus the
+    CUDA context; RSS is host memory only and is judged apart."""
+    cfg = config.build({"domains": {
+        "image": {"kind": "image", "device": "cuda:0"},
+        "big": {"kind": "image", "model": "builtin:tiny-sd", "device": "cuda:0",
+                "max_vram_mb": 50000,
+                "gpu_percentage": 10}},
+        "resources": {"gpu_allocation": {"llm": 70, "image": 20}}})
+    started: list[Proc] = []
+    pids = iter(range(40000, 40100))
+
+    def spawn(argv: list[str], *, env: dict[str, str], **_: Any) -> Proc:
+        started.append(Proc(env))
+        started[-1].pid = next(pids)
+        return started[-1]
+
+    used: dict[int, float] = {}
+    card = {"index": 0, "total_mb": 24576.0, "used_mb": 0.0, "processes": used}
+    clock = Clock()
+    sup = Supervisor(cfg, "/tmp/state", "ipc:///tmp/w.sock", clock=clock, spawn=spawn,
+                     gpus=[card], probe=lambda: [card])
+    sup.start_all()
+    image, big = sup.slots
+    limit = sup.vram_budget(image)
+    assert limit == image.vram_budget_mb + 700 and sup.vram_budget(big) == 50000
+    used[image.proc.pid] = limit - 1
+    used[big.proc.pid] = 40000                    # over its plan, under its max_vram_mb
+    assert sup.check_memory() == []
+    used[image.proc.pid] = limit + 1
+    assert sup.check_memory() == []               # sampled every 2 s, not every beat
+    clock.t += 2.0
+    assert sup.check_memory() == [image] and image.kill_reason == "vram_limit"
