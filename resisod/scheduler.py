@@ -110,8 +110,8 @@ class Scheduler:
         self.paces = {r.name: corun.Pace() for rts in self.yields_to.values() for r in rts}
         self.yielders = {r: [self.domains[b] for b, rts in self.yields_to.items()
                              if any(x.name == r for x in rts)] for r in self.paces}
-        self.policies = {(b, r.name): corun.Policy() for b, rts in self.yields_to.items()
-                         for r in rts}
+        self.policies = {(b, r.name, ph): corun.Policy() for b, rts in self.yields_to.items()
+                         for r in rts for ph in (corun.PREFILL, corun.DECODE)}
         # a cancel is a request: an engine stuck between checkpoints (native code, a hung
         # device) never reads it, so past this grace its worker process is killed
         self.cancel_grace = cfg["daemon"]["cancel_grace_s"]
@@ -286,10 +286,12 @@ class Scheduler:
             batch.account(now, bool(busy_rts))
             pressure = bool(busy_rts)
             if pressure and self.adaptive:
-                # every busy realtime domain must be measured unhurt for batch work to go on
+                # every busy realtime domain must be measured unhurt, in each phase its jobs
+                # are in, for batch work to go on
                 pressure = not all([corun.want_corun(
                     now, True, self.paces[r.name], len(r.running) or 1,
-                    self.policies[(name, r.name)], **self.corun_limits) for r in busy_rts])
+                    self.policies[(name, r.name, ph)], phase=ph, **self.corun_limits)
+                    for r in busy_rts for ph in self._phases(r)])
             paused = preemption.want_paused(now, pressure, turn, self.floor)
             if not preemption.apply(turn, paused):
                 continue
@@ -300,6 +302,19 @@ class Scheduler:
                     self._out.append(Signal(job.slot, job, op))
             if paused and batch.running:
                 batch.preemptions += 1
+
+    @staticmethod
+    def _phases(domain: Domain) -> list[str]:
+        """The phases a busy realtime domain's jobs are in: reading a prompt (queued, or
+        running without a first token yet) and decoding. Speech is all decoding."""
+        if domain.kind != "llm":
+            return [corun.DECODE]
+        phases = []
+        if len(domain.queue) or any(not j.units for j in domain.running):
+            phases.append(corun.PREFILL)
+        if any(j.units for j in domain.running):
+            phases.append(corun.DECODE)
+        return phases
 
     def _contends(self, batch: str, realtime: str) -> bool:
         """Whether two domains the start-up plan paired really share a device, by where
@@ -360,13 +375,18 @@ class Scheduler:
     def paced(self, job: Job, name: str, fields: dict[str, Any]) -> None:
         """A token or an audio chunk of a realtime job whose device batch work shares: its
         cost per unit goes into the domain's pace, as measured alone or beside batch work.
-        A job's first token is left out (it carries the prompt's reading)."""
+        A job's first token measures the prompt's reading, per token of it the engine
+        evaluated (`prefill` in the event; without it, the sample is left out)."""
         pace = self.paces.get(job.domain)
         if pace is None or job.bumped:
             return
         now = self.clock()
+        phase = corun.DECODE
         if name == Event.TOKEN:
-            units = 1.0 if job.units else 0.0
+            units = 1.0
+            if not job.units:  # the first: per prompt token the engine evaluated
+                phase, prefill = corun.PREFILL, fields.get("prefill")
+                units = float(prefill) if isinstance(prefill, int) and prefill > 0 else 0.0
         elif name == Event.AUDIO:
             pcm, rate = fields.get("pcm"), fields.get("sample_rate")
             units = len(pcm) / 2 / rate if isinstance(pcm, bytes) and rate else 0.0
@@ -375,7 +395,7 @@ class Scheduler:
         if units > 0:
             corunning = any(b.running and not b.paused for b in self.yielders[job.domain])
             pace.observe((now - job.step_mark) / units,
-                         len(self.domains[job.domain].running), corunning)
+                         len(self.domains[job.domain].running), corunning, phase)
         job.units += 1
         job.step_mark = now
 
@@ -384,10 +404,16 @@ class Scheduler:
         it yields to (`status`, `/metrics`)."""
         if batch not in self.yields_to:
             return None
-        return {r.name: {"state": p.state, "slowdown": None if p.slowdown is None
-                         else round(p.slowdown, 3)}
-                for r in self.yields_to[batch]
-                for p in [self.policies[(batch, r.name)]]} if self.adaptive else {}
+        if not self.adaptive:
+            return {}
+        view: dict[str, Any] = {}
+        for r in self.yields_to[batch]:
+            for ph in ((corun.PREFILL, corun.DECODE) if r.kind == "llm" else (corun.DECODE,)):
+                p = self.policies[(batch, r.name, ph)]
+                view.setdefault(r.name, {})[ph] = {
+                    "state": p.state,
+                    "slowdown": None if p.slowdown is None else round(p.slowdown, 3)}
+        return view
 
     def running_job(self, slot: Slot, task_id: Any) -> Job | None:
         """The job a worker's message is about; None for a stray one (an ended job's id)."""

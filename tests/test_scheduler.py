@@ -589,13 +589,13 @@ def test_harmless_co_running_is_never_paused_once_measured():
     timeline, sched = corun_run(lambda t: 0.03, 60)
     # the first tokens are measured alone (batch paused), then a probe finds no harm
     assert share(timeline, 1, 60) == 1.0 and pauses(timeline, 1, 60) == 0
-    assert sched.corun_view("bt") == {"rt": {"state": "corun", "slowdown": pytest.approx(
-        0.03, abs=0.02)}}
+    assert sched.corun_view("bt") == {"rt": {"decode": {
+        "state": "corun", "slowdown": pytest.approx(0.03, abs=0.02)}}}
 
 
 def test_harmful_co_running_pauses_at_once_and_keeps_the_floor():
     timeline, sched = corun_run(lambda t: 0.6, 60)
-    view = sched.corun_view("bt")["rt"]
+    view = sched.corun_view("bt")["rt"]["decode"]
     assert view["state"] in ("paused", "probe") and view["slowdown"] > 0.4
     # the 30 % floor, plus the short probes every probe_every_s (5 s)
     assert 0.28 <= share(timeline, 5, 60) <= 0.40
@@ -661,3 +661,54 @@ def test_a_worker_that_computes_on_the_cpu_never_makes_a_gpu_domain_yield():
     sched2.dispatch()
     admit(sched2, "rt", "realtime")
     assert [s.op for s in of(sched2.dispatch(), Signal)] == [WorkerMsg.PAUSE]
+
+
+def test_batch_work_pauses_only_while_a_prompt_is_read_when_only_that_is_hurt():
+    """Chats on an LLM domain beside a batch job: reading a prompt beside it takes 3x as
+    long (two CPU threads of one core), decoding only 2 % longer. The batch job pauses
+    while prompts are read and runs while answers decode."""
+    sched, clock, slots = make({"rt": {"kind": "llm", "priority": "realtime",
+                                       "model": "builtin:smollm2-135m-instruct"},
+                                "bt": {"kind": "null", "priority": "batch",
+                                       "preemptible": True}},
+                               yields_to={"bt": ["rt"]})
+    (rt_slot,) = slots["rt"]
+    image = admit(sched, "bt", "batch", timeout_ms=0)
+    sched.dispatch()
+    running, start = True, clock.t
+    seen = {"prefill": [], "decode": [], "idle": []}
+
+    def apply(effects):
+        nonlocal running
+        for s in of(effects, Signal):
+            assert s.job is image
+            running = s.op == WorkerMsg.RESUME
+
+    def work(seconds, slower, phase):
+        """`seconds` of work alone, `slower` times as long while the batch job runs."""
+        left = seconds
+        while left > 1e-9:
+            step = min(0.001, left * (slower if running else 1.0))
+            left -= step / (slower if running else 1.0)
+            apply(sched.tick(clock.advance(step)))
+            if clock.t - start > 15:
+                seen[phase].append(running)
+
+    while clock.t - start < 40:
+        chat = admit(sched, "rt", "realtime", timeout_ms=0)
+        apply(sched.dispatch())
+        work(0.1, 3.0, "prefill")                   # 20 prompt tokens
+        sched.paced(chat, "token", {"prefill": 20})
+        apply(sched.dispatch())
+        for _ in range(30):
+            work(0.02, 1.02, "decode")
+            sched.paced(chat, "token", {})
+        apply(sched.job_done(rt_slot, chat.task_id, {}) + sched.dispatch())
+        work(0.2, 1.0, "idle")
+    view = sched.corun_view("bt")["rt"]
+    assert view["decode"]["state"] == "corun" and view["prefill"]["state"] in ("paused", "probe")
+    assert view["prefill"]["slowdown"] > 1.0
+    decode_share = sum(seen["decode"]) / len(seen["decode"])
+    prefill_share = sum(seen["prefill"]) / len(seen["prefill"])
+    assert decode_share > 0.95, decode_share
+    assert prefill_share < 0.5, prefill_share

@@ -54,6 +54,7 @@ class Sequence:
         self.ttft: float | None = None
         self.cache_key = cache_key
         self.logit_index = -1             # its row of logits in the step being decoded
+        self.prefill = 0                  # prompt tokens evaluated (not from the cache)
         self.rank = RANK.get(control.priority, 1)
 
 
@@ -302,6 +303,8 @@ class LlamaCppEngine(BatchEngine):
             self.saved_bytes -= len(seq.saved)
             seq.saved = None
         seq.n_past = shared
+        if seq.ttft is None:
+            seq.prefill = len(seq.history) - shared
         seq.stream = dst
         dst.take(seq)
         self.running.append(seq)
@@ -358,21 +361,26 @@ class LlamaCppEngine(BatchEngine):
         seq.history.append(tok)
         piece = seq.out.feed(seq.utf8.feed(self.model.token_to_piece(tok)))
         if piece:
-            if seq.ttft is None:
-                seq.ttft = time.perf_counter() - seq.t0
-            seq.control.emit("token", text=piece)
+            self._emit(seq, piece)
         if seq.out.stopped:
             self._finish(seq, "stop")
         elif seq.generated >= seq.max_tokens:
             self._finish(seq, "length")
 
+    def _emit(self, seq: Sequence, piece: str) -> None:
+        if seq.ttft is None:
+            # the first piece also says how many prompt tokens were read for it (the rest
+            # came from the prompt cache): the daemon paces prompt reading per token
+            seq.ttft = time.perf_counter() - seq.t0
+            seq.control.emit("token", text=piece, prefill=seq.prefill)
+        else:
+            seq.control.emit("token", text=piece)
+
     def _finish(self, seq: Sequence, finish: str) -> None:
         # bytes of a character max_tokens cut short stay out of the answer (utf8 holds them)
         piece = seq.out.flush()
         if piece:
-            if seq.ttft is None:
-                seq.ttft = time.perf_counter() - seq.t0
-            seq.control.emit("token", text=piece)
+            self._emit(seq, piece)
         # the stream keeps the sampled token's history except the last (never evaluated)
         result = finish_stats(seq.out.text, finish, seq.prompt_len, seq.generated, seq.ttft,
                               seq.t0)

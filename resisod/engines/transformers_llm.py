@@ -81,8 +81,11 @@ class Seq:
     def emit(self, piece: str) -> None:
         if piece:
             if self.ttft is None:
+                # the first piece says how many prompt tokens were read for it (pacing)
                 self.ttft = time.perf_counter() - self.t0
-            self.job.emit("token", text=piece)
+                self.job.emit("token", text=piece, prefill=len(self.prompt))
+            else:
+                self.job.emit("token", text=piece)
 
 
 class TransformersEngine(BatchEngine):
