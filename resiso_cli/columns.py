@@ -48,3 +48,15 @@ def worker_jobs(w: dict) -> str:
         return w.get("job") or "-"
     cell = f"{len(jobs) - w.get('bumped', 0)}/{capacity}"
     return cell + (f", {w['bumped']} paused" if w.get("bumped") else "")
+
+
+def runs_on(w: dict) -> str:
+    """Where a worker's engine computes, as it reported ("cuda", "cpu"; llama.cpp adds its
+    offloaded layers: "cuda 24 layers"), else its configured device."""
+    r = w.get("runs_on")
+    if not r:
+        return w.get("device") or "-"
+    layers = r.get("gpu_layers")
+    if r.get("device") != "cpu" and isinstance(layers, int):
+        return f"{r['device']} {'all' if layers < 0 else layers} layers"
+    return r.get("device") or "-"

@@ -23,7 +23,7 @@ def status(as_json: bool = typer.Option(False, "--json")) -> None:
     if as_json:
         output.print_json(body)
         return
-    from .columns import Table, worker_jobs
+    from .columns import Table, runs_on, worker_jobs
     print(f"resisod {st['version']} pid {st['pid']} up {st['uptime_s']:.0f}s "
           f"socket {st['socket']}\n")
     table = Table("domain", "kind", "engine", "state", "queue r/n/b", "running", "done",
@@ -39,15 +39,17 @@ def status(as_json: bool = typer.Option(False, "--json")) -> None:
     for name, d in st["domains"].items():
         if d["reason"]:
             print(f"domain {name} {d['state']}: {d['reason']}")
+    gpu = any(w.get("vram_budget_mb") or w.get("vram_mb") for d in st["domains"].values()
+              for w in d["workers"])
     workers = Table("worker", "pid", "state", "cpus", "threads", "sched", "device", "rss MB",
-                    "job", "restarts", "last error")
+                    *(["vram MB (budget)"] if gpu else []), "job", "restarts", "last error")
     for d in st["domains"].values():
         for w in d["workers"]:
             cpus = "remote" if w.get("remote") else ",".join(map(str, w["cpus"])) or "all"
+            vram = [f"{_ms(w.get('vram_mb'))} ({_ms(w.get('vram_budget_mb'))})"] if gpu else []
             workers.add_row(w["name"], str(w["pid"] or "-"), w["state"], cpus,
-                            str(w["threads"]),
-                            w["sched"], w["device"], _ms(w["rss_mb"]), worker_jobs(w),
-                            str(w["restarts"]), w["last_error"] or "")
+                            str(w["threads"]), w["sched"], runs_on(w), _ms(w["rss_mb"]),
+                            *vram, worker_jobs(w), str(w["restarts"]), w["last_error"] or "")
     print()
     print(workers)
     remote = [w for d in st["domains"].values() for w in d["workers"] if w.get("remote")]

@@ -169,3 +169,11 @@ def test_config_toml_shows_every_key_with_its_default():
     assert set(doc["domains"]) == set(built["domains"])
     for name, d in doc["domains"].items():
         assert d == built["domains"][name], name
+
+
+def test_status_shows_where_a_worker_really_computes():
+    from resiso_cli.columns import runs_on
+    assert runs_on({"device": "auto"}) == "auto"            # not ready yet: configured
+    assert runs_on({"device": "auto", "runs_on": {"device": "cpu"}}) == "cpu"
+    assert runs_on({"runs_on": {"device": "cuda", "gpu_layers": -1}}) == "cuda all layers"
+    assert runs_on({"runs_on": {"device": "cuda", "gpu_layers": 12}}) == "cuda 12 layers"
