@@ -19,6 +19,7 @@ bench: setup
 	.venv/bin/python bench/tts.py
 	.venv/bin/python bench/isolation.py
 	.venv/bin/python bench/cli_latency.py
+	.venv/bin/python bench/gpu.py
 
 soak: setup
 	.venv/bin/python bench/soak.py --minutes 30

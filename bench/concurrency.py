@@ -206,6 +206,12 @@ def section_priority(parallel: int, reps: int) -> list[list]:
 
 
 def main() -> None:
+    # the load generator stays off the LLM worker's core (the daemon's auto layout gives the
+    # LLM core 0), as a user's client on another machine or core would: its N receiving
+    # threads must not take time from the decode being measured
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) > 1:
+        os.sched_setaffinity(0, cores[1:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ns", type=int, nargs="+", default=[1, 4, 8, 16])
     ap.add_argument("--parallel", type=int, default=8)

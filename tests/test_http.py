@@ -202,6 +202,10 @@ def test_metrics_parse_and_count_requests(gw):
     places = {(s.labels["worker"], s.labels["use"]): s.value
               for s in fams["resiso_worker_batch_places"].samples}
     assert places[("llm.0", "capacity")] == 4  # the CPU default of a llama.cpp worker
+    # the image domain yields to the chat: its time paused or beside it is counted
+    hows = {s.labels["how"] for s in fams["resiso_batch_seconds"].samples
+            if s.labels["domain"] == "image"}
+    assert hows == {"paused", "co_running"}
 
     def count(src, route):
         fam = {f.name: f for f in text_string_to_metric_families(src)}["resiso_http_requests"]

@@ -76,6 +76,8 @@ def test_batched_greedy_and_seeded_answers_equal_solo_ones_token_for_token(batch
     assert most >= 2, "the jobs never ran side by side"
     for p in PROMPTS:
         assert finals[p]["result"] == solo[p]["result"], p
+        assert finals[p]["result"].isprintable() or "\n" in finals[p]["result"]
+        assert "\x00" not in finals[p]["result"] and "\ufffd" not in finals[p]["result"]
         assert finals[p]["completion_tokens"] == solo[p]["completion_tokens"]
         assert "".join(tokens[p]) == finals[p]["result"]
 

@@ -120,6 +120,7 @@ class LlamaCppEngine(BatchEngine):
         self.held: list[Sequence] = []            # paused: no stream
         self.ended: list[tuple[JobControl, Any]] = []
         self.saved_bytes = 0
+        self._buf = ctypes.create_string_buffer(64)
 
     def runs_on(self) -> dict[str, Any]:
         build = "cuda" if self.L.llama_supports_gpu_offload() else "cpu"
@@ -359,13 +360,23 @@ class LlamaCppEngine(BatchEngine):
             return
         seq.generated += 1
         seq.history.append(tok)
-        piece = seq.out.feed(seq.utf8.feed(self.model.token_to_piece(tok)))
+        piece = seq.out.feed(seq.utf8.feed(self._piece(tok)))
         if piece:
             self._emit(seq, piece)
         if seq.out.stopped:
             self._finish(seq, "stop")
         elif seq.generated >= seq.max_tokens:
             self._finish(seq, "length")
+
+    def _piece(self, token: int) -> bytes:
+        """A token's bytes (special tokens as nothing). llama-cpp-python's own
+        `token_to_piece` returns its whole 32-byte buffer, NULs and all."""
+        n = self.L.llama_token_to_piece(self.model.vocab, token, self._buf, len(self._buf), 0,
+                                        False)
+        if n < 0:  # a longer piece: llama.cpp says how long
+            self._buf = ctypes.create_string_buffer(-n)
+            return self._piece(token)
+        return self._buf.raw[:n]
 
     def _emit(self, seq: Sequence, piece: str) -> None:
         if seq.ttft is None:

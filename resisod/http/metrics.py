@@ -40,7 +40,7 @@ class DaemonCollector:
                                 labels=["domain", "worker"])
         slowdown = GaugeMetricFamily("resiso_corun_slowdown", "realtime work's measured "
                                      "slowdown beside a batch domain (0.1 = 10 % slower)",
-                                     labels=["batch", "realtime"])
+                                     labels=["batch", "realtime", "phase"])
         corun_s = CounterMetricFamily("resiso_batch_seconds", "time a yielding batch domain's "
                                       "jobs spent paused or running beside realtime work",
                                       labels=["domain", "how"])
@@ -61,9 +61,10 @@ class DaemonCollector:
             cache.add_metric([name], d.get("cache_hits", 0))
             if d.get("cache"):
                 breaker.add_metric([name], 1.0 if d["cache"]["breaker"] == "open" else 0.0)
-            for rt, view in (d.get("corun") or {}).items():
-                if view["slowdown"] is not None:
-                    slowdown.add_metric([name, rt], view["slowdown"])
+            for rt, phases in (d.get("corun") or {}).items():
+                for phase, view in phases.items():
+                    if view["slowdown"] is not None:
+                        slowdown.add_metric([name, rt, phase], view["slowdown"])
             if "corun" in d:
                 corun_s.add_metric([name, "paused"], d.get("paused_s", 0.0))
                 corun_s.add_metric([name, "co_running"], d.get("co_running_s", 0.0))
