@@ -130,6 +130,25 @@ def warm(sock: str) -> None:
     burst(sock, [(story(s), "normal") for s in SUBJECTS[:2]])
 
 
+def same_story(n: int) -> list[tuple[dict, str]]:
+    """N copies of one request (a new one per burst): what a simple load generator sends."""
+    params = story(SUBJECTS[0])
+    return [(dict(params), "normal") for _ in range(n)]
+
+
+def section_same(n: int, parallel: int, reps: int) -> list[list]:
+    """N identical requests at once on a fresh daemon, N = 1 first."""
+    rows = []
+    for label, par in ((f"batched (parallel {parallel})", parallel), ("one at a time", 1)):
+        with Daemon(CONFIG.format(parallel=par)) as d:
+            cold = summary(burst(d.socket, same_story(1)))
+            s = {k: median([x[k] for x in [summary(burst(d.socket, same_story(n)))
+                                           for _ in range(reps)]]) for k in cold}
+            rows.append([label, n, round(s["agg"], 1), round(cold["ttft_p50"] * 1000),
+                         round(s["ttft_max"] * 1000), round(s["ttft_max"] / cold["ttft_p50"], 2)])
+    return rows
+
+
 def section_n(ns: list[int], parallel: int, reps: int) -> list[list]:
     """Each worker kind on a fresh daemon, N = 1 first, as llama-server's anchor was taken
     on a fresh server: that first request also reads the chat template's system prompt,
@@ -216,15 +235,20 @@ def main() -> None:
     ap.add_argument("--ns", type=int, nargs="+", default=[1, 4, 8, 16])
     ap.add_argument("--parallel", type=int, default=8)
     ap.add_argument("--reps", type=int, default=2, help="bursts per point (median)")
-    ap.add_argument("--only", choices=["n", "prefix", "priority", "tts"], nargs="+")
+    ap.add_argument("--only", choices=["n", "same", "prefix", "priority", "tts"], nargs="+")
     args = ap.parse_args()
-    only = set(args.only or ["n", "prefix", "priority", "tts"])
+    only = set(args.only or ["n", "same", "prefix", "priority", "tts"])
     if "n" in only:
         print(table("LLM: N requests at once (64 tokens each, greedy, 1 thread)",
                     ["worker", "N", "tokens", "aggregate tok/s", "x N=1", "TTFT p50 ms",
                      "TTFT p95 ms", "TTFT max ms", "TTFT max / first", "TTFT max / N=1",
                      "per-request tok/s"],
                     section_n(args.ns, args.parallel, args.reps)), flush=True)
+    if "same" in only:
+        print(table("LLM: N copies of one request at once (as simple load generators send)",
+                    ["worker", "N", "aggregate tok/s", "first TTFT ms", "TTFT max ms",
+                     "TTFT max / first"],
+                    section_same(8, args.parallel, args.reps)), flush=True)
     if "prefix" in only:
         print(table("LLM: 8 at once with a 200-token system prompt",
                     ["load", "TTFT p50 ms", "TTFT max ms", "p50 / distinct"],
@@ -234,6 +258,7 @@ def main() -> None:
                     ["request", "TTFT p50 ms", "x alone"],
                     section_priority(args.parallel, args.reps + 3)), flush=True)
     if "tts" in only:
+        os.sched_setaffinity(0, cores)  # speech alone: the clients float, as users' would
         import concurrency_tts
         concurrency_tts.main([])
 
