@@ -202,6 +202,9 @@ def test_metrics_parse_and_count_requests(gw):
     places = {(s.labels["worker"], s.labels["use"]): s.value
               for s in fams["resiso_worker_batch_places"].samples}
     assert places[("llm.0", "capacity")] == 4  # the CPU default of a llama.cpp worker
+    devices = {(s.labels["worker"], s.labels["device"])
+               for s in fams["resiso_worker_device"].samples}
+    assert ("llm.0", "cpu") in devices    # device "auto" on a CPU build: where it really runs
     # the image domain yields to the chat: its time paused or beside it is counted
     hows = {s.labels["how"] for s in fams["resiso_batch_seconds"].samples
             if s.labels["domain"] == "image"}

@@ -44,6 +44,9 @@ class DaemonCollector:
         corun_s = CounterMetricFamily("resiso_batch_seconds", "time a yielding batch domain's "
                                       "jobs spent paused or running beside realtime work",
                                       labels=["domain", "how"])
+        runs_on = GaugeMetricFamily("resiso_worker_device", "1 for the device each ready "
+                                    "worker reports its engine computes on",
+                                    labels=["domain", "worker", "device"])
         places = GaugeMetricFamily("resiso_worker_batch_places", "jobs a worker runs at once "
                                    "(its capacity), and how many are taken",
                                    labels=["domain", "worker", "use"])
@@ -71,6 +74,8 @@ class DaemonCollector:
             for w in d["workers"]:
                 if w["rss_mb"] is not None:
                     rss.add_metric([name, w["name"]], w["rss_mb"] * 2**20)
+                if w.get("runs_on"):
+                    runs_on.add_metric([name, w["name"], str(w["runs_on"].get("device"))], 1.0)
                 if w.get("capacity", 1) > 1:
                     taken = len(w.get("jobs") or []) - w.get("bumped", 0)
                     places.add_metric([name, w["name"], "capacity"], w["capacity"])
@@ -81,7 +86,7 @@ class DaemonCollector:
                     buckets = [(str(b), c) for b, c in zip(h["bounds"], h["cumulative"])]
                     buckets.append(("+Inf", h["count"]))
                     family.add_metric([name], buckets, h["sum"])
-        yield from (jobs, queue, running, preempt, cache, breaker, rss, places, slowdown,
+        yield from (jobs, queue, running, preempt, cache, breaker, rss, places, runs_on, slowdown,
                     corun_s, dur, ttft)
         gpu = GaugeMetricFamily("resiso_gpu_memory_used_bytes", "GPU memory in use",
                                 labels=["gpu", "name"])
