@@ -18,6 +18,8 @@ bench: setup
 	.venv/bin/python bench/llm.py
 	.venv/bin/python bench/tts.py
 	.venv/bin/python bench/isolation.py
+	.venv/bin/python bench/concurrency.py
+	.venv/bin/python bench/remote.py
 	.venv/bin/python bench/cli_latency.py
 	.venv/bin/python bench/gpu.py
 
