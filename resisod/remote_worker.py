@@ -33,6 +33,11 @@ USAGE = 2
 HINT_EVERY_S = 10.0
 RETRY_S = 2.0                # after a refused handshake: the key may be added any moment
 REFUSED = "refused"
+SILENT = "silent"
+# a hello unanswered this long is tried again on a fresh connection under a fresh identity:
+# a daemon that registered the first one (its answer lost) drops that slot when it stays
+# silent, and a hello lost before it was read is simply sent again
+ANSWER_TIMEOUT_S = 15.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -103,6 +108,8 @@ def await_answer(sock: Any, monitor: Any, endpoint: str) -> dict[str, Any] | str
                 return unpack(sock.recv(), max_bytes=HARD_FRAME_LIMIT)
             if monitor in ready and recv_monitor_message(monitor)["event"] & failed:
                 return REFUSED
+            if time.monotonic() - started >= ANSWER_TIMEOUT_S:
+                return SILENT
             if time.monotonic() - hint >= HINT_EVERY_S:
                 hint = time.monotonic()
                 print(f"resiso-worker: no answer from {endpoint} after "
@@ -157,12 +164,16 @@ def main(argv: list[str] | None = None) -> int:
     return serve(args, curve, own, key_file)
 
 
+def fresh_identity() -> str:
+    return f"remote/{socket.gethostname()[:64]}/{os.getpid()}/{secrets.token_hex(4)}"
+
+
 def serve(args: argparse.Namespace, curve: dict[str, str] | None, own: dict[str, Any] | None,
           key_file: str) -> int:
     from . import cluster_keys, isolation
     from .protocol import WorkerMsg
     from .worker import Worker, _socket
-    identity = f"remote/{socket.gethostname()[:64]}/{os.getpid()}/{secrets.token_hex(4)}"
+    identity = fresh_identity()
     state_dir = args.state_dir or os.path.dirname(os.path.abspath(key_file))
     spec: dict[str, Any] = {"identity": identity, "endpoint": args.connect, "curve": curve,
                             "remote": True, "domain_name": args.domain, "state_dir": state_dir}
@@ -174,6 +185,15 @@ def serve(args: argparse.Namespace, curve: dict[str, str] | None, own: dict[str,
         monitor = dial(worker.sock, args.connect)
         worker.send(hello)
         answer = await_answer(worker.sock, monitor, args.connect)
+        if answer == SILENT:
+            print(f"resiso-worker: no answer from {args.connect} in {ANSWER_TIMEOUT_S:g}s; "
+                  f"saying hello again on a fresh connection", file=sys.stderr, flush=True)
+            worker.sock.close(0)
+            worker.identity = fresh_identity().encode()
+            worker.spec["identity"] = worker.identity.decode()
+            worker.sock = _socket(worker.ctx, worker.identity, args.connect, curve,
+                                  connect=False)
+            continue
         if answer != REFUSED:
             break
         if not told:

@@ -70,6 +70,17 @@ class Remote:
         self.log.close()
 
 
+def remote_ready(d, remote: "Remote", timeout: float = 60.0) -> None:
+    """Wait for a remote worker to be ready; on a timeout, say what both sides logged."""
+    try:
+        wait_for(lambda: any(w["state"] == "ready" for w in remote_workers(d)), timeout, 0.2,
+                 "the remote worker ready")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n--- worker (exit {remote.proc.poll()}):\n"
+                             f"{remote.read_log()[-3000:]}\n--- daemon:\n"
+                             f"{d.read_log()[-3000:]}") from None
+
+
 @pytest.fixture
 def remotes():
     started: list[Remote] = []
@@ -174,8 +185,7 @@ def test_remote_worker_in_a_netns_runs_jobs_over_curve(make_daemon, netns, remot
     key_file = str(tmp_path / "w1.key_secret")
     d, server, listen = secure_daemon(make_daemon, HOST_IP, allow={"edge1": worker_key(key_file)})
     remotes.append(Remote(listen, key_file, server, netns=netns))
-    wait_for(lambda: any(w["state"] == "ready" for w in remote_workers(d)), 60, 0.2,
-             "the remote worker ready")
+    remote_ready(d, remotes[-1])
     with d.client() as c:
         for _ in range(20):
             assert c.run("null", {})["status"] == "completed"
@@ -235,8 +245,7 @@ def test_remote_worker_killed_mid_job_its_job_finishes_on_a_local_worker(make_da
     d, server, listen = secure_daemon(make_daemon, "127.0.0.1", local=1,
                                       allow={"w": worker_key(key_file)})
     remotes.append(Remote(listen, key_file, server))
-    wait_for(lambda: any(w["state"] == "ready" for w in remote_workers(d)), 60, 0.2,
-             "the remote worker ready")
+    remote_ready(d, remotes[-1])
     d.wait_ready()
     with d.client() as c:
         # the local worker comes first in dispatch order: keep it busy, so the next job
