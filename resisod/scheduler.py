@@ -24,11 +24,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
-from . import corun, preemption
+from . import batch_places, preemption
 from .breakers import WORKER_FAULTS, Breaker
 from .domains import Domain
+from .pacing import Pacing
 from .jobs import CANCELLED, JobTable, Job, Outcome, completed, failed, new_task_id, retry
-from .protocol import PRIORITY_ORDER, Code, Event, JobState, ProtocolError, WorkerMsg
+from .protocol import Code, Event, JobState, ProtocolError, WorkerMsg
 from .slots import Slot, SlotState
 
 
@@ -71,7 +72,6 @@ class DomainHealth(NamedTuple):
 
 # slots that can take jobs (a busy batching worker may have places left)
 ACCEPTING = (SlotState.READY, SlotState.BUSY)
-RANK = {p: i for i, p in enumerate(PRIORITY_ORDER)}  # lower is more urgent
 
 SHUTDOWN_RETRY = retry("resisod is shutting down")
 SHUTDOWN_FAIL = failed(Code.INTERRUPTED, "resisod shut down before the job finished")
@@ -100,18 +100,8 @@ class Scheduler:
                           for b, rts in (yields_to or {}).items()}
         self.turns = {b: preemption.Turn() for b in self.yields_to}
         self.floor = cfg["resources"]["gpu_allocation"]["image"] / 100.0
-        # work-conserving preemption: each realtime domain's measured pace, and a policy per
-        # (batch, realtime) pair that pauses only where co-running is measured to hurt
-        res = cfg["resources"]
-        self.adaptive = res["preemption"] == "adaptive"
-        self.corun_limits = {"max_slowdown": res["max_slowdown"],
-                             "probe_every_s": res["probe_every_s"],
-                             "probe_for_s": max(1.0, res["probe_every_s"] / 5)}
-        self.paces = {r.name: corun.Pace() for rts in self.yields_to.values() for r in rts}
-        self.yielders = {r: [self.domains[b] for b, rts in self.yields_to.items()
-                             if any(x.name == r for x in rts)] for r in self.paces}
-        self.policies = {(b, r.name, ph): corun.Policy() for b, rts in self.yields_to.items()
-                         for r in rts for ph in (corun.PREFILL, corun.DECODE)}
+        # work-conserving preemption: measured paces, the policy per pair (pacing.py)
+        self.pacing = Pacing(cfg["resources"], self.domains, self.slots_of, self.yields_to, clock)
         # a cancel is a request: an engine stuck between checkpoints (native code, a hung
         # device) never reads it, so past this grace its worker process is killed
         self.cancel_grace = cfg["daemon"]["cancel_grace_s"]
@@ -198,40 +188,37 @@ class Scheduler:
 
     # --- dispatch ----------------------------------------------------------------------------
     def dispatch(self) -> list[Any]:
-        """Give queued jobs to slots with free places (highest priority first, FIFO within a
-        class). A batching worker takes up to its capacity; where all its places are taken,
-        a queued job of higher priority takes the place of the lowest-priority job there,
-        which pauses (`bumped`) and resumes once a place frees up for it."""
+        """Give queued jobs to free places (highest priority first, FIFO within a class); a
+        full batching slot gives a running job's place to a queued one that outranks it."""
         self.dispatch_due = False
         if not self.stopping:
             now = self.clock()
-            open_slots = []
+            ready = []
             for slot in self.slots:
                 if slot.state not in ACCEPTING or not slot.breaker.allows(now):
                     continue
                 domain = self.domains[slot.domain]
                 if slot.bumped:
                     self._resume_bumped(slot, domain)
-                if slot.free > 0 and len(domain.queue):
-                    self._start(slot, domain, domain.queue.pop())
-                    if slot.free > 0:
-                        open_slots.append(slot)
+                if slot.free > 0:
+                    ready.append(slot)
                 elif slot.capacity > 1 and len(domain.queue):
                     self._bump(slot, domain)
-            # further rounds spread a burst over a domain's batching workers, one job per
-            # slot per round, instead of filling the first one
-            while open_slots:
-                more = []
-                for slot in open_slots:
-                    domain = self.domains[slot.domain]
-                    if len(domain.queue) and slot.breaker.allows(now):
-                        self._start(slot, domain, domain.queue.pop())
-                        if slot.free > 0:
-                            more.append(slot)
-                open_slots = more
+            # rounds of one job per slot spread a burst over a domain's batching workers,
+            # instead of filling the first one
+            while ready:
+                ready = [slot for slot in ready if self._start_next(slot, now)]
         if self.yields_to:
             self._preempt(self.clock())
         return self._take()
+
+    def _start_next(self, slot: Slot, now: float) -> bool:
+        """Start the slot's domain's next queued job; whether the slot could take another."""
+        domain = self.domains[slot.domain]
+        if not len(domain.queue) or not slot.breaker.allows(now):
+            return False
+        self._start(slot, domain, domain.queue.pop())
+        return slot.free > 0
 
     def _start(self, slot: Slot, domain: Domain, job: Job) -> None:
         slot.state = SlotState.BUSY
@@ -250,29 +237,19 @@ class Scheduler:
             domain.preemptions += 1
 
     def _bump(self, slot: Slot, domain: Domain) -> None:
-        """A full batching slot: each queue head that outranks the slot's lowest-priority
-        running job takes its place (the latest started of that class: it has the least
-        work to lose). A slot holds at most `capacity` bumped jobs."""
-        while not domain.paused and slot.bumped < slot.capacity:
-            head = domain.queue.peek()
-            running = [j for j in slot.jobs.values() if not j.bumped]
-            victim = max(running, key=lambda j: (RANK[j.priority], j.seq), default=None)
-            if head is None or victim is None or \
-                    RANK[victim.priority] <= RANK[head.priority]:
-                return
-            victim.bumped = True
+        """A full batching slot: each queue head that outranks a running job takes the
+        place of the one `batch_places.victim` picks, which pauses (bumped)."""
+        while not domain.paused and (job := batch_places.victim(
+                slot, domain.queue.peek())) is not None:
+            job.bumped = True
             slot.bumped += 1
-            self._out.append(Signal(slot, victim, WorkerMsg.PAUSE))
+            self._out.append(Signal(slot, job, WorkerMsg.PAUSE))
             self._start(slot, domain, domain.queue.pop())
 
     def _resume_bumped(self, slot: Slot, domain: Domain) -> None:
         """Bumped jobs take free places back before queued jobs they do not yield to."""
-        for job in sorted((j for j in slot.jobs.values() if j.bumped),
-                          key=lambda j: (RANK[j.priority], j.seq)):
-            head = domain.queue.peek()
-            if slot.free <= 0 or domain.paused or (
-                    head is not None and RANK[head.priority] < RANK[job.priority]):
-                return
+        while not domain.paused and (job := batch_places.next_back(
+                slot, domain.queue.peek())) is not None:
             job.bumped = False
             slot.bumped -= 1
             self._out.append(Signal(slot, job, WorkerMsg.RESUME))
@@ -281,17 +258,10 @@ class Scheduler:
         """Pause or resume batch work so realtime work on a shared device runs alone."""
         for name, rts in self.yields_to.items():
             batch, turn = self.domains[name], self.turns[name]
-            busy_rts = [r for r in rts if (r.running or len(r.queue)) and self._contends(
-                name, r.name)]
+            busy_rts = [r for r in rts if (r.running or len(r.queue)) and
+                        self.pacing.contends(name, r.name)]
             batch.account(now, bool(busy_rts))
-            pressure = bool(busy_rts)
-            if pressure and self.adaptive:
-                # every busy realtime domain must be measured unhurt, in each phase its jobs
-                # are in, for batch work to go on
-                pressure = not all([corun.want_corun(
-                    now, True, self.paces[r.name], len(r.running) or 1,
-                    self.policies[(name, r.name, ph)], phase=ph, **self.corun_limits)
-                    for r in busy_rts for ph in self._phases(r)])
+            pressure = self.pacing.pressure(now, name, busy_rts)
             paused = preemption.want_paused(now, pressure, turn, self.floor)
             if not preemption.apply(turn, paused):
                 continue
@@ -302,35 +272,6 @@ class Scheduler:
                     self._out.append(Signal(job.slot, job, op))
             if paused and batch.running:
                 batch.preemptions += 1
-
-    @staticmethod
-    def _phases(domain: Domain) -> list[str]:
-        """The phases a busy realtime domain's jobs are in: reading a prompt (queued, or
-        running without a first token yet) and decoding. Speech is all decoding."""
-        if domain.kind != "llm":
-            return [corun.DECODE]
-        phases = []
-        if len(domain.queue) or any(not j.units for j in domain.running):
-            phases.append(corun.PREFILL)
-        if any(j.units for j in domain.running):
-            phases.append(corun.DECODE)
-        return phases
-
-    def _contends(self, batch: str, realtime: str) -> bool:
-        """Whether two domains the start-up plan paired really share a device, by where
-        their workers report computing: a realtime domain that fell back to the CPU (no
-        GPU build, no GPU) does not make a GPU batch domain yield, nor the other way round.
-        Until both have reported, the plan (from the configuration) stands."""
-        a, b = self._runs_on(batch), self._runs_on(realtime)
-        if a is None or b is None:
-            return True
-        return bool(a & b)
-
-    def _runs_on(self, domain: str) -> set[str] | None:
-        """"cpu" and/or "gpu": where the domain's ready workers compute; None: none said."""
-        kinds = {"cpu" if s.runs_on.get("device", "cpu") == "cpu" else "gpu"
-                 for s in self.slots_of[domain] if s.runs_on is not None}
-        return kinds or None
 
     # --- worker events -----------------------------------------------------------------------
     def worker_ready(self, slot: Slot, warm_up: Any = None, capacity: Any = 1,
@@ -371,49 +312,6 @@ class Scheduler:
         elif name == Event.RESUMED:
             job.paused = False
             job.step_mark = self.clock()  # time spent paused is not step time
-
-    def paced(self, job: Job, name: str, fields: dict[str, Any]) -> None:
-        """A token or an audio chunk of a realtime job whose device batch work shares: its
-        cost per unit goes into the domain's pace, as measured alone or beside batch work.
-        A job's first token measures the prompt's reading, per token of it the engine
-        evaluated (`prefill` in the event; without it, the sample is left out)."""
-        pace = self.paces.get(job.domain)
-        if pace is None or job.bumped:
-            return
-        now = self.clock()
-        phase = corun.DECODE
-        if name == Event.TOKEN:
-            units = 1.0
-            if not job.units:  # the first: per prompt token the engine evaluated
-                phase, prefill = corun.PREFILL, fields.get("prefill")
-                units = float(prefill) if isinstance(prefill, int) and prefill > 0 else 0.0
-        elif name == Event.AUDIO:
-            pcm, rate = fields.get("pcm"), fields.get("sample_rate")
-            units = len(pcm) / 2 / rate if isinstance(pcm, bytes) and rate else 0.0
-        else:
-            return
-        if units > 0:
-            corunning = any(b.running and not b.paused for b in self.yielders[job.domain])
-            pace.observe((now - job.step_mark) / units,
-                         len(self.domains[job.domain].running), corunning, phase)
-        job.units += 1
-        job.step_mark = now
-
-    def corun_view(self, batch: str) -> dict[str, Any] | None:
-        """What the work-conserving policy decided for a batch domain, per realtime domain
-        it yields to (`status`, `/metrics`)."""
-        if batch not in self.yields_to:
-            return None
-        if not self.adaptive:
-            return {}
-        view: dict[str, Any] = {}
-        for r in self.yields_to[batch]:
-            for ph in ((corun.PREFILL, corun.DECODE) if r.kind == "llm" else (corun.DECODE,)):
-                p = self.policies[(batch, r.name, ph)]
-                view.setdefault(r.name, {})[ph] = {
-                    "state": p.state,
-                    "slowdown": None if p.slowdown is None else round(p.slowdown, 3)}
-        return view
 
     def running_job(self, slot: Slot, task_id: Any) -> Job | None:
         """The job a worker's message is about; None for a stray one (an ended job's id)."""

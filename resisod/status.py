@@ -86,7 +86,7 @@ def snapshot(sched: Scheduler, *, socket_path: str, state_dir: str, started: flo
                          "models": served_names(d.cfg), "priority": d.cfg["priority"],
                          "state": state, "reason": d.unavailable_reason, "paused": d.paused,
                          "workers": workers, **d.stats()}
-        corun = sched.corun_view(name)
+        corun = sched.pacing.view(name)
         if corun is not None:  # a batch domain that yields: what co-running was measured to do
             domains[name]["corun"] = corun
         if d.kind == "tts":

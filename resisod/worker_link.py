@@ -63,8 +63,8 @@ class WorkerLink:
                 fields = {k: v for k, v in msg.items() if k not in NOT_FIELDS}
                 if name in STATEFUL_PARTIALS:
                     self.sched.partial(job, name, fields)
-                elif job.domain in self.sched.paces:  # realtime work that batch work shares
-                    self.sched.paced(job, name, fields)
+                elif job.domain in self.sched.pacing.paces:  # realtime work batch work shares
+                    self.sched.pacing.paced(job, name, fields)
                 self.subs.partial(job, name, fields)
             return NOTHING
         if op in (WorkerMsg.DONE, WorkerMsg.FAILED):

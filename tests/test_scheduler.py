@@ -547,7 +547,6 @@ def corun_run(slowdown_at, seconds: float, token_s: float = 0.02, **daemon: Any)
                                 "bt": {"kind": "null", "priority": "batch",
                                        "preemptible": True}},
                                yields_to={"bt": ["rt"]})
-    (bt_slot,), (rt_slot,) = slots["bt"], slots["rt"]
     image = admit(sched, "bt", "batch", timeout_ms=0)
     sched.dispatch()
     chat = admit(sched, "rt", "realtime", timeout_ms=0)
@@ -563,7 +562,7 @@ def corun_run(slowdown_at, seconds: float, token_s: float = 0.02, **daemon: Any)
             next_tick += 0.005
         effects: list[Any] = []
         if now >= next_token:
-            sched.paced(chat, "token", {})
+            sched.pacing.paced(chat, "token", {})
             t = now - start
             next_token = now + token_s * (1 + (slowdown_at(t) if running else 0.0))
             effects += sched.dispatch()
@@ -589,13 +588,13 @@ def test_harmless_co_running_is_never_paused_once_measured():
     timeline, sched = corun_run(lambda t: 0.03, 60)
     # the first tokens are measured alone (batch paused), then a probe finds no harm
     assert share(timeline, 1, 60) == 1.0 and pauses(timeline, 1, 60) == 0
-    assert sched.corun_view("bt") == {"rt": {"decode": {
+    assert sched.pacing.view("bt") == {"rt": {"decode": {
         "state": "corun", "slowdown": pytest.approx(0.03, abs=0.02)}}}
 
 
 def test_harmful_co_running_pauses_at_once_and_keeps_the_floor():
     timeline, sched = corun_run(lambda t: 0.6, 60)
-    view = sched.corun_view("bt")["rt"]["decode"]
+    view = sched.pacing.view("bt")["rt"]["decode"]
     assert view["state"] in ("paused", "probe") and view["slowdown"] > 0.4
     # the 30 % floor, plus the short probes every probe_every_s (5 s)
     assert 0.28 <= share(timeline, 5, 60) <= 0.40
@@ -623,14 +622,14 @@ def test_preemption_always_pauses_whatever_is_measured():
                                 "bt": {"kind": "null", "priority": "batch",
                                        "preemptible": True}},
                                yields_to={"bt": ["rt"]})
-    assert sched.adaptive
+    assert sched.pacing.adaptive
     cfg = config.build({"domains": {"rt": {"kind": "null", "priority": "realtime"},
                                     "bt": {"kind": "null", "priority": "batch",
                                            "preemptible": True}},
                         "resources": {"preemption": "always"}})
     slots2 = [Slot(domain=n, index=0, cpus=[], threads=1, sched="normal") for n in cfg["domains"]]
     always = Scheduler(cfg, slots2, yields_to={"bt": ["rt"]}, clock=clock, wall=clock)
-    assert not always.adaptive and always.corun_view("bt") == {}
+    assert not always.pacing.adaptive and always.pacing.view("bt") == {}
 
 
 def test_a_worker_that_computes_on_the_cpu_never_makes_a_gpu_domain_yield():
@@ -698,14 +697,14 @@ def test_batch_work_pauses_only_while_a_prompt_is_read_when_only_that_is_hurt():
         chat = admit(sched, "rt", "realtime", timeout_ms=0)
         apply(sched.dispatch())
         work(0.1, 3.0, "prefill")                   # 20 prompt tokens
-        sched.paced(chat, "token", {"prefill": 20})
+        sched.pacing.paced(chat, "token", {"prefill": 20})
         apply(sched.dispatch())
         for _ in range(30):
             work(0.02, 1.02, "decode")
-            sched.paced(chat, "token", {})
+            sched.pacing.paced(chat, "token", {})
         apply(sched.job_done(rt_slot, chat.task_id, {}) + sched.dispatch())
         work(0.2, 1.0, "idle")
-    view = sched.corun_view("bt")["rt"]
+    view = sched.pacing.view("bt")["rt"]
     assert view["decode"]["state"] == "corun" and view["prefill"]["state"] in ("paused", "probe")
     assert view["prefill"]["slowdown"] > 1.0
     decode_share = sum(seen["decode"]) / len(seen["decode"])
