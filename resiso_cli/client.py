@@ -24,6 +24,7 @@ from resisod.paths import _answers, client_socket
 from resisod.protocol import FINAL_EVENTS, HARD_FRAME_LIMIT, Event, Op, pack, request, unpack
 
 RCVTIMEO = int(zmq.RCVTIMEO)
+RCVTIMEO_SLACK_MS = 5
 
 
 class DaemonUnreachable(Exception):
@@ -66,6 +67,7 @@ class Client:
         self._streams: weakref.WeakValueDictionary[Any, JobStream] = \
             weakref.WeakValueDictionary()
         self._last_alive = time.monotonic()
+        self._alive_due = math.inf  # when an alive may next be due (see keep_alive)
 
     def __enter__(self) -> "Client":
         return self
@@ -85,6 +87,10 @@ class Client:
     def keep_alive(self, now: float) -> float | None:
         """Tell the daemon the open streams still listen, when due; returns the seconds
         until the next time (None: no open stream)."""
+        if not self._streams:
+            return None
+        if now < self._alive_due:  # the common case, once per event: no scan of the streams
+            return self._alive_due - now
         streams = list(self._streams.values())
         if not streams:
             return None
@@ -93,7 +99,13 @@ class Client:
             # a streaming job whose client stops saying this is cancelled by the daemon
             self.send(Op.ALIVE, rids=[s.rid for s in streams])
             self._last_alive = now
-        return max(0.0, self._last_alive + interval - now)
+        self._alive_due = self._last_alive + interval
+        return max(0.0, self._alive_due - now)
+
+    def listen(self, stream: "JobStream | Monitor") -> None:
+        """Keep `stream` told of in the alives; its interval may bring the next one forward."""
+        self._streams[stream.rid] = stream
+        self._alive_due = min(self._alive_due, self._last_alive + stream.alive_s)
 
     def recv(self, rid: Any, timeout: float | None) -> dict[str, Any] | None:
         """The next event for `rid`, or None after `timeout` seconds without one."""
@@ -111,7 +123,12 @@ class Client:
             # a blocking recv with a receive timeout: one wake-up per event, where poll-then-
             # recv costs a poller per call
             wait = -1 if left is None else max(0, math.ceil(left * 1000))
-            if wait != self._rcvtimeo:
+            # the timeout is set again only when it would wake more than RCVTIMEO_SLACK_MS
+            # late, or far too early (one waking early just loops once more): the wait left
+            # shrinks a little with every event, and a setsockopt per event is measurable
+            have = self._rcvtimeo
+            if wait != have and (have < 0 or wait < 0 or have > wait + RCVTIMEO_SLACK_MS
+                                 or have < wait // 2):
                 sock.setsockopt(RCVTIMEO, wait)
                 self._rcvtimeo = wait
             try:
@@ -231,7 +248,7 @@ class Monitor:
     def __init__(self, client: Client, rid: int):
         self.client, self.rid = client, rid
         self.alive_s = 0.5
-        client._streams[rid] = self  # kept alive by every wait of the client
+        client.listen(self)  # kept alive by every wait of the client
 
     def next(self, timeout: float | None = None) -> dict[str, Any] | None:
         """The next snapshot, or None after `timeout` seconds without one."""
@@ -265,7 +282,7 @@ class JobStream:
         self.accepted: dict[str, Any] | None = None
         self.alive_s = 0.5
         self._pending: collections.deque = collections.deque()
-        client._streams[rid] = self
+        client.listen(self)
         if not acked:
             return
         first = self._next(client.timeout)
@@ -274,6 +291,7 @@ class JobStream:
         self.task_id = first.get("task_id")
         self.accepted = first
         self.alive_s = first.get("alive_ms", 500) / 1000.0
+        client.listen(self)
         self._pending.append(first)
 
     def _next(self, timeout: float | None) -> dict[str, Any]:

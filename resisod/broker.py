@@ -1,7 +1,7 @@
 """The broker: the daemon's sockets and its one loop. It moves messages; it decides nothing.
 
-    poll → drain clients (ClientOps) → drain workers (WorkerLink) → dispatch (Scheduler)
-         → every TICK_S: tick → commit (store, then the Outbox to clients)
+    poll → drain clients (ClientOps) → drain workers (WorkerLink) → commit what they reported
+         → dispatch (Scheduler) → every TICK_S: tick → commit (store, then the Outbox to clients)
 
 A job's data path reads straight through: a client request enters `ClientOps`, the
 `Scheduler` decides, its effects go out through the `WorkerLink`; the worker's answers come
@@ -26,7 +26,8 @@ from .monitors import Monitors
 from .outbox import Outbox
 from .paths import SocketClaim
 from .protocol import HARD_FRAME_LIMIT
-from .scheduler import DomainHealth, Ended, Kill, Requeued, Scheduler, Signal, Start
+from .effects import Effects
+from .scheduler import Scheduler
 from .sdnotify import Notifier
 from .store import JobStore
 from .subscriptions import Subscriptions
@@ -34,7 +35,6 @@ from .supervisor import Gateway, Supervisor
 from .worker_link import WorkerLink
 
 log = logging.getLogger("resisod")
-jlog = logsetup.JobLines(log)  # job transitions: formatted at the tick's flush, not inline
 
 TICK_S = 0.05
 POSITION_UPDATE_S = 0.25
@@ -83,6 +83,8 @@ class Broker:
         self.subs = Subscriptions(self.outbox, sched, silence_s=max(4 * self.hb, 1.0))
         self.monitors = Monitors(self.outbox.post, silence_s=self.subs.silence_s)
         self.link = WorkerLink(self.workers, supervisor, sched, self.subs)
+        self.apply = Effects(link=self.link, store=store, subs=self.subs, supervisor=supervisor,
+                             clock=self.clock).apply
         self.cluster = cluster.Cluster(remote, cfg, self.ctx, supervisor, sched, self.link) \
             if remote is not None else None
         self.ops = ClientOps(
@@ -146,6 +148,10 @@ class Broker:
                 self.drain(self.workers, self.from_worker)
             if remote in ready:
                 self.cluster.drain(self.apply)
+            if self.outbox.items and (self.workers in ready or remote in ready):
+                # what workers reported (results, tokens) leaves before the scheduling round:
+                # a client waits on it, while a dispatched job waits only on its worker
+                self.commit()
             if self.stop_requested and not sched.stopping:
                 self.stop()
             t1 = self.clock()
@@ -193,45 +199,6 @@ class Broker:
     def from_worker(self, ident: bytes, frames: list[bytes]) -> None:
         self.apply(self.link.on_message(ident, frames))
 
-    def apply(self, effects: Any) -> None:
-        """Carry out the scheduler's decisions, in order."""
-        for e in effects:
-            kind = type(e)
-            if kind is Ended:
-                job = e.job
-                self.store.update(job)
-                self.subs.ended(job)
-                took = (job.finished_at - job.created_at) * 1000
-                if job.error:
-                    jlog.info("job %s %s domain=%s code=%s total_ms=%.0f", job.task_id,
-                              job.state, job.domain, job.error["code"], took)
-                else:
-                    jlog.info("job %s %s domain=%s total_ms=%.0f", job.task_id, job.state,
-                              job.domain, took)
-            elif kind is Start:
-                slot, job = e
-                self.link.run(slot, job)
-                self.store.update(job)
-                self.subs.started(job, slot.name, self.clock())
-                jlog.info("job %s started domain=%s worker=%s attempt=%d waited_ms=%.0f",
-                          job.task_id, job.domain, slot.name, job.attempts,
-                          (job.started_at - job.created_at) * 1000)
-            elif kind is Signal:
-                self.link.signal(*e)
-            elif kind is Kill:
-                log.warning("killing worker %s: %s", e.slot.name, e.reason)
-                self.supervisor.kill(e.slot, e.reason)
-            elif kind is Requeued:
-                self.store.update(e.job)
-                self.subs.requeued(e.job, e.reason)
-                log.warning("job %s re-queued: %s", e.job.task_id, e.reason)
-            elif kind is DomainHealth:
-                if e.domain.unavailable_reason:
-                    log.error("domain %s unavailable: %s", e.domain.name,
-                              e.domain.unavailable_reason)
-                else:
-                    log.info("domain %s recovered", e.domain.name)
-
     def tick(self, now: float) -> None:
         self.apply(self.link.reap())
         if self.cluster is not None:
@@ -252,22 +219,13 @@ class Broker:
         if now >= self.next_positions:
             self.subs.send_positions(now)
             self.next_positions = now + POSITION_UPDATE_S
-        self.monitors.tick(now, self.ops.status, self.recent_jobs)
+        self.monitors.tick(now, self.ops.status, self.ops.recent_jobs)
         if now >= self.next_heartbeat:
             self.link.heartbeat()
             if self.cluster is not None:
                 self.cluster.heartbeat(now)
             self.supervisor.check_memory()
             self.next_heartbeat = now + self.hb
-
-    def recent_jobs(self, limit: int) -> list[dict[str, Any]]:
-        """For live views: the live jobs first (running, then queued), then the newest."""
-        live = sorted(self.sched.jobs.live, key=lambda j: (j.state != "running", j.created_at))
-        picked = live[:limit]
-        seen = set(picked)
-        picked += [j for j in self.sched.jobs.recent(limit, None) if j not in seen]
-        now = self.clock()
-        return [{**j.record(), **self.ops.timing(j, now)} for j in picked[:limit]]
 
     def commit(self) -> None:
         """Make this iteration's state changes durable, then tell clients about them."""

@@ -173,6 +173,15 @@ class ClientOps:
                 domain.countdown(job, domain.remaining(job, now)))}
         return {}
 
+    def recent_jobs(self, limit: int) -> list[dict[str, Any]]:
+        """For live views: the live jobs first (running, then queued), then the newest."""
+        live = sorted(self.sched.jobs.live, key=lambda j: (j.state != "running", j.created_at))
+        picked = live[:limit]
+        seen = set(picked)
+        picked += [j for j in self.sched.jobs.recent(limit, None) if j not in seen]
+        now = self.sched.clock()
+        return [{**j.record(), **self.timing(j, now)} for j in picked[:limit]]
+
     def op_jobs(self, ident: bytes, rid: Any, msg: dict[str, Any]) -> None:
         limit = max(1, min(field(msg, "limit", int, default=20), MAX_JOBS_LISTED))
         jobs = self.sched.jobs.recent(limit, field(msg, "state", str))

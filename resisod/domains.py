@@ -67,6 +67,12 @@ class Domain:
     co_running_s: float = 0.0            # time its jobs ran beside busy realtime work (turns)
     accounted_at: float | None = None
 
+    def __post_init__(self) -> None:
+        # a domain's kind is fixed by its config; read on every submit and estimate
+        self.kind: str = self.cfg["kind"]
+        # jobs of these kinds report steps, so estimates scale with the step count
+        self.stepped: bool = self.kind in ("image", "null")
+
     def account(self, now: float, realtime_busy: bool) -> None:
         """Add the time since the last call to paused or co-running time (batch domains that
         yield, once per tick)."""
@@ -77,15 +83,6 @@ class Domain:
             elif realtime_busy:
                 self.co_running_s += dt
         self.accounted_at = now
-
-    @property
-    def kind(self) -> str:
-        return self.cfg["kind"]
-
-    @property
-    def stepped(self) -> bool:
-        """Jobs of this kind report steps, so estimates scale with the step count."""
-        return self.kind in ("image", "null")
 
     def scale(self, job: Job) -> float:
         """A job's work per step relative to a step at the domain's default size: image

@@ -34,7 +34,7 @@ def task_node(task_id: str) -> str:
     return node if dash else ""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)  # slots: one is built per request and read on every event
 class Job:
     task_id: str
     domain: str

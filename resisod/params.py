@@ -13,6 +13,8 @@ from .protocol import Code, ProtocolError, field
 
 
 def _num(p: dict, name: str, lo: float, hi: float, default: float | None) -> float | None:
+    if name not in p:  # most parameters of most requests: the default, unchecked
+        return default
     v = field(p, name, (int, float), default=default)
     if v is not None and not lo <= v <= hi:
         raise ProtocolError(Code.BAD_REQUEST, f"'{name}' must be between {lo} and {hi}, got {v}")
@@ -20,6 +22,8 @@ def _num(p: dict, name: str, lo: float, hi: float, default: float | None) -> flo
 
 
 def _int(p: dict, name: str, lo: int, hi: int, default: int | None) -> int | None:
+    if name not in p:
+        return default
     v = field(p, name, int, default=default)
     if v is not None and not lo <= v <= hi:
         raise ProtocolError(Code.BAD_REQUEST, f"'{name}' must be between {lo} and {hi}, got {v}")

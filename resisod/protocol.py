@@ -219,11 +219,13 @@ def check_request(msg: dict[str, Any]) -> tuple[str, Any]:
 def field(msg: dict[str, Any], name: str, types: type | tuple[type, ...], *,
           required: bool = False, default: Any = None) -> Any:
     """Read a typed field from a request, raising bad_request with the field's name."""
-    if name not in msg or msg[name] is None:
+    value = msg.get(name)
+    if value is None:
         if required:
             raise ProtocolError(Code.BAD_REQUEST, f"field '{name}' is required")
         return default
-    value = msg[name]
+    if type(value) is types:  # the common case: exactly the type asked for
+        return value
     # bool is an int in Python; never accept it where a number is meant
     if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
         raise ProtocolError(Code.BAD_REQUEST, f"field '{name}' has the wrong type (bool)")

@@ -133,6 +133,9 @@ class JobStore:
         self.journal_path = path + ".journal"
         self.replay()
         self.jfd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        # the journal's length, kept here (under journal_lock) rather than asked of the
+        # kernel before every append: a torn append is cut back to it
+        self.jend = os.fstat(self.jfd).st_size
         self.journal_lock = threading.Lock()  # append vs truncate
         self.appended = self.applied = 0
         self.applied_cv = threading.Condition()
@@ -189,11 +192,12 @@ class JobStore:
                 for j in self.pending.values()]
         frame = pack(rows)
         with self.journal_lock:
-            end = os.lseek(self.jfd, 0, os.SEEK_END)
+            end = self.jend
             try:
                 written = os.write(self.jfd, FRAME.pack(len(frame)) + frame)
                 if written != FRAME.size + len(frame):
                     raise OSError(errno.ENOSPC, "short write to the journal")
+                self.jend = end + written
             except OSError as exc:
                 # cut the torn frame off (replay would stop at it, and at all after it); the
                 # changes stay pending, in memory, and go out with the next commit that fits
@@ -269,9 +273,9 @@ class JobStore:
                 time.sleep(DISK_FULL_RETRY_S)
         with self.journal_lock:
             self.applied += len(groups)
-            if self.applied == self.appended and \
-                    os.fstat(self.jfd).st_size > JOURNAL_TRUNCATE_BYTES:
+            if self.applied == self.appended and self.jend > JOURNAL_TRUNCATE_BYTES:
                 os.ftruncate(self.jfd, 0)  # all of it is in SQLite now
+                self.jend = 0
         with self.applied_cv:
             self.applied_cv.notify_all()
 
