@@ -71,6 +71,18 @@ def status(as_json: bool = typer.Option(False, "--json")) -> None:
     if st.get("gpus"):
         for g in st["gpus"]:
             print(f"GPU {g['index']} {g['name']}: {g['used_mb']:.0f}/{g['total_mb']:.0f} MB")
+    compute = st.get("gpu_compute")
+    if compute and (compute["mode"] == "mps" or compute["asked"] == "mps" or st.get("gpus")):
+        print(f"GPU compute: {_compute_line(compute)}")
+
+
+def _compute_line(c: dict[str, Any]) -> str:
+    """How GPU workers share their cards: MPS with each domain's SM cap, or why not."""
+    if c["mode"] == "mps":
+        gpus = ", ".join(f"cuda:{g['index']}" for g in c["gpus"])
+        caps = ", ".join(f"{d} {p} %" for d, p in c.get("percentages", {}).items())
+        return f"mps on {gpus}; SM caps {caps}"
+    return f"timeslice ({c['reason']})"
 
 
 def _console() -> Console:

@@ -165,6 +165,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "gpu_margin_pct": Key(5.0, _num(0.0, 50.0)),
         "gpu_margin_min_mb": Key(512.0, _num(0.0)),
         "gpu_min_worker_mb": Key(256.0, _num(0.0)),
+        # how GPU workers share a card's compute (resisod/gpu_compute.py): "mps" runs them
+        # under a per-user NVIDIA MPS server with SM caps from gpu_allocation, "timeslice"
+        # leaves CUDA's default turns, "auto" takes MPS where it starts
+        "gpu_compute": Key("auto", _str(("auto", "mps", "timeslice"))),
     },
     "resources.gpu_allocation": {
         "llm": Key(70, _int(0, 100)),
@@ -254,6 +258,9 @@ DOMAIN_KIND: dict[str, dict[str, Key]] = {
         # sequences one worker decodes at once (continuous batching); 0: 4 on a CPU, 16 on
         # a GPU. Each holds context_size tokens of KV memory.
         "parallel": Key(0, _int(0, 256)),
+        # transformers engine: a lone job decodes on a static KV cache with a compiled step;
+        # auto: on CUDA only (on a CPU the compiled step was slower than the eager one)
+        "compile": Key("auto", _str(("auto", "on", "off"))),
     },
     "tts": {
         "voice": Key("", _str()),

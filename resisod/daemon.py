@@ -1,9 +1,10 @@
 """Start-up: claim the socket, open the store, plan the machine, and hand it to the broker.
 
 The order is the order of what depends on what, read top to bottom: one daemon per socket
-(the claim), its state dir, the worker slots and their CPU layout (supervisor), which domains
-yield to which (preemption plan, from the devices), the scheduler, the store and what it
-recovers, the daemon's own cores, and last the broker with its sockets.
+(the claim), its state dir, the worker slots and their CPU layout (supervisor), how GPU
+workers share compute (MPS or time-slicing, `gpu_compute`), which domains yield to which
+(preemption plan, from the devices), the scheduler, the store and what it recovers, the
+daemon's own cores, and last the broker with its sockets.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import logging
 import os
 from typing import Any
 
-from . import devices, estimates, isolation, preemption
+from . import devices, estimates, gpu_compute, isolation, preemption
 from .broker import Broker
 from .paths import SocketClaim
 from .recovery import recover
@@ -38,6 +39,20 @@ def open_daemon(cfg: dict[str, Any]) -> Broker:
     os.makedirs(state_dir, mode=0o750, exist_ok=True)
     gpus = devices.probe()
     supervisor = Supervisor(cfg, state_dir, f"ipc://{worker_path}", gpus=gpus)
+    # before any worker starts (they find the MPS pipes in their environment), after the
+    # VRAM plan (which says which GPUs the workers use)
+    supervisor.compute = gpu_compute.open_compute(cfg, supervisor.vram,
+                                                  devices.visible_gpus(gpus))
+    try:
+        return _open_rest(cfg, supervisor, claim, gpus, priority, worker_path)
+    except BaseException:
+        supervisor.compute.stop()  # a control daemon outlives us unless told to quit
+        raise
+
+
+def _open_rest(cfg: dict[str, Any], supervisor: Supervisor, claim: SocketClaim,
+               gpus: list[dict[str, Any]], priority: str, worker_path: str) -> Broker:
+    socket_path, state_dir = cfg["daemon"]["socket"], cfg["daemon"]["state_dir"]
     res = cfg["resources"]
     yields_to = preemption.plan(cfg["domains"], supervisor.layout, gpus=len(gpus),
                                 across_cores=res["preempt_across_cores"]) \

@@ -142,6 +142,7 @@ def probe() -> list[dict[str, Any]]:
             out.append({"index": i, "name": _text(name),
                         "uuid": _text(pynvml.nvmlDeviceGetUUID(h)),
                         "used_mb": mem.used / 2**20, "total_mb": mem.total / 2**20,
+                        "compute_mode": _compute_mode(pynvml, h),
                         "processes": _process_memory(pynvml, h)})
     except Exception:
         pass
@@ -150,6 +151,17 @@ def probe() -> list[dict[str, Any]]:
 
 def _text(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
+
+
+COMPUTE_MODES = {0: "default", 1: "exclusive_thread", 2: "prohibited", 3: "exclusive_process"}
+
+
+def _compute_mode(pynvml: Any, handle: Any) -> str | None:
+    """Whether the card admits several processes (what MPS needs: `gpu_compute.decide`)."""
+    try:
+        return COMPUTE_MODES.get(pynvml.nvmlDeviceGetComputeMode(handle), "unknown")
+    except Exception:
+        return None
 
 
 def _process_memory(pynvml: Any, handle: Any) -> dict[int, float]:

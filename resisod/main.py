@@ -73,4 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return broker.run()
     finally:
+        # a crash skips the broker's shutdown, and an MPS control daemon is no child of ours:
+        # told to quit here, or it outlives the daemon (a no-op once stopped)
+        if broker.supervisor.compute is not None:
+            broker.supervisor.compute.stop()
         logsetup.flush()  # what was logged before a crash still reaches the log

@@ -58,6 +58,7 @@ class Slot:
     breaker: Any = None                  # its circuit breaker (breakers.Breaker), the scheduler's
     vram_budget_mb: float | None = None  # its share of its GPU under the VRAM plan
     runs_on: dict[str, Any] | None = None  # where its engine computes, as it reported
+    compute: Any = None                  # the gpu_compute.ComputePlan its process started under
     remote: dict[str, Any] | None = None  # a remote worker: host, key, rtt_ms (None: local)
     sock: Any = None                     # the socket reaching a remote worker (None: local)
 

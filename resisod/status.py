@@ -26,6 +26,8 @@ def worker_view(slot: Slot, device: str, gpus: list[dict[str, Any]]) -> dict[str
         "rss_mb": round(slot.rss_mb, 1) if slot.rss_mb is not None else None,
         "vram_mb": devices.vram_mb(gpus, slot.pid) if gpus else None,
         "vram_budget_mb": slot.vram_budget_mb,
+        # its SM cap under MPS (None: on the CPU, or GPU time-slicing)
+        "mps_percentage": slot.compute.percentage(slot.domain) if slot.compute else None,
         "runs_on": slot.runs_on,
         "breaker": slot.breaker.view() if slot.breaker is not None else None,
         "job": slot.job.task_id if slot.job else None,
@@ -68,6 +70,13 @@ def cache_view(slots: list[Slot]) -> dict[str, Any] | None:
             "errors": sum(v.get("errors", 0) for v in views)}
 
 
+def compute_view(slots: list[Slot]) -> dict[str, Any] | None:
+    """How the local workers share their GPUs (MPS or time-slicing, and why not MPS), from
+    the plan they were started under: one per daemon. None: no local worker started yet."""
+    plan = next((s.compute for s in slots if s.compute is not None), None)
+    return plan.view() if plan is not None else None
+
+
 def snapshot(sched: Scheduler, *, socket_path: str, state_dir: str, started: float,
              gpus: bool, loop: dict[str, Any],
              aliases: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
@@ -94,10 +103,16 @@ def snapshot(sched: Scheduler, *, socket_path: str, state_dir: str, started: flo
         cache = cache_view(sched.slots_of[name])
         if cache is not None:
             domains[name]["cache"] = cache
+    compute = compute_view(sched.slots)
+    under_mps = {g["uuid"] for g in compute["gpus"]} if compute and compute["mode"] == "mps" \
+        else set()
     return {"version": __version__, "pid": os.getpid(), "socket": socket_path,
             "state_dir": state_dir, "uptime_s": round(time.time() - started, 1),
             "stopping": sched.stopping, "loop": loop, "domains": domains,
             "engines": engine_registry.discover().view(),
             "aliases": aliases or {},
+            "gpu_compute": compute,
             # per-process memory went into the workers' vram_mb (its pid keys are not names)
-            "gpus": [{k: v for k, v in g.items() if k != "processes"} for g in gpu_list]}
+            "gpus": [{**{k: v for k, v in g.items() if k != "processes"},
+                      "compute": "mps" if g.get("uuid") in under_mps else "timeslice"}
+                     for g in gpu_list]}

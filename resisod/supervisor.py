@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import devices, isolation, vram_plan
+from .gpu_compute import GpuCompute
 from .protocol import HEARTBEAT_SUFFIX
 from .slots import Slot, SlotState
 
@@ -44,6 +45,9 @@ class Supervisor:
     layout: dict[str, list[int]] = field(default_factory=dict)
     gpus: list[dict[str, Any]] = field(default_factory=list)   # devices.probe(), at start
     probe: Callable[[], list[dict[str, Any]]] = devices.probe  # NVML, for the VRAM watchdog
+    # MPS or time-slicing for GPU workers, set by the daemon before the first start; stopped
+    # (its control daemon told to quit) after the workers at shutdown
+    compute: GpuCompute | None = None
     next_vram: float = 0.0
 
     def __post_init__(self) -> None:
@@ -87,6 +91,9 @@ class Supervisor:
         }
         env = dict(os.environ)
         env.update(isolation.worker_env(d, slot.threads))
+        if self.compute is not None:
+            env.update(self.compute.plan.worker_env(slot.domain))
+            slot.compute = self.compute.plan
         env["RESISO_WORKER_SPEC"] = json.dumps(spec)
         slot.proc = self.spawn([sys.executable, "-m", "resisod.worker"], env=env,
                                stdin=subprocess.DEVNULL, start_new_session=False)
@@ -97,8 +104,10 @@ class Supervisor:
         slot.rss_mb = None
         # kept in place, not rebuilt: remote workers' slots (cluster.py) are in it too
         self.by_identity[slot.identity] = self.by_identity[slot.identity + HEARTBEAT_SUFFIX] = slot
-        log.info("worker %s started pid=%d cpus=%s threads=%d sched=%s", slot.name,
-                 slot.proc.pid, slot.cpus or "all", slot.threads, slot.sched)
+        mps = slot.compute.percentage(slot.domain) if slot.compute is not None else None
+        log.info("worker %s started pid=%d cpus=%s threads=%d sched=%s%s", slot.name,
+                 slot.proc.pid, slot.cpus or "all", slot.threads, slot.sched,
+                 f" mps={mps}%" if mps is not None else "")
 
     def gpu_share(self, slot: Slot) -> float:
         """The allocator cap of a torch worker: its planned budget over the card; without
@@ -223,6 +232,8 @@ class Supervisor:
                 slot.proc.kill()
                 slot.proc.wait()
             slot.state = SlotState.STOPPED
+        if self.compute is not None:  # last: MPS clients are gone, its servers can go too
+            self.compute.stop()
 
 
 class Gateway:

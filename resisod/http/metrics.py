@@ -93,6 +93,12 @@ class DaemonCollector:
         for g in st.get("gpus", []):
             gpu.add_metric([str(g["index"]), g["name"]], g["used_mb"] * 2**20)
         yield gpu
+        compute = st.get("gpu_compute")
+        if compute:
+            mps = GaugeMetricFamily("resiso_gpu_compute_mps", "1 while GPU workers share their "
+                                    "cards under NVIDIA MPS, 0 under time-slicing")
+            mps.add_metric([], 1.0 if compute["mode"] == "mps" else 0.0)
+            yield mps
 
 
 class GatewayMetrics:
