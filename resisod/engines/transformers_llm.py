@@ -4,13 +4,19 @@ A continuous-batching engine: every running job decodes its next token in one fo
 of the model, and a job that arrives between two steps joins the next one.
 
 How a step works. A new job's prompt is prefilled on its own (batch of one, no padding), which
-gives its first token. The jobs already running then decode together: their KV caches live
-in one batched `DynamicCache`, each row left-padded to the longest, with an attention mask
-that hides the padding and each row's own positions, so the batch is rebuilt only when a job
-joins or leaves (not at every token). A row's history is exactly what it would be alone;
-greedy output alone and in a batch is the same token for token (the tests check it). Models
-whose cache is not plain full attention (sliding windows, linear attention) keep one cache
-per job and decode one job per forward: correct, just not batched.
+gives its first token. A job decoding alone runs on its own cache, batch of one: the plain
+forward `generate` runs, with nothing paid for places it does not use (on a CPU a batch of
+four costs nearly twice a batch of one). On CUDA (or where the domain's `compile` says) that
+lone job decodes on a static KV cache with a compiled step (`hf_static`). Jobs running
+together decode in one forward: their KV caches live in one batched `DynamicCache`, each row
+left-padded to the longest, with an attention mask that hides the padding and each row's own
+positions, so the batch is rebuilt only when a job joins or leaves (not at every token). In
+the batch every row's attention runs on its own keys and every forward has the same shape,
+so jobs decoding together get the same tokens whichever of them run; a job that decoded
+alone for a while computed some tokens in another shape, whose logits can differ in the last
+bits, and greedy choices agree unless two tokens are that close to a tie. Models whose cache
+is not plain full attention (sliding windows, linear attention) keep one cache per job and
+decode one job per forward: correct, just not batched.
 
 Sampling is per job (temperature, top_k, top_p in that order, from the job's own seeded
 generator), as are stop strings, max_tokens, cancel and pause. A paused job leaves the batch
@@ -25,9 +31,41 @@ from typing import Any
 from .. import builtin
 from ..protocol import Code
 from .base import BatchEngine, Cancelled, EngineUnavailable, JobControl, JobError, Outcome
+from .hf_static import StaticLane, compile_cache_dir, compile_wanted, use_cache_dir
 from .llm_common import (IdsText, StopText, cached_answer, chat_messages, finish_stats,
                          parallel_slots, replay, share)
 from ..devices import place_torch
+
+_sdpa: Any = None  # transformers' sdpa attention, bound when the engine loads
+
+
+def compile_setting(domain: dict[str, Any]) -> str:
+    """The domain's `compile` ("auto" | "on" | "off"; the config checks it, a domain built
+    without the config may leave it out)."""
+    value = domain.get("compile") or "auto"
+    if value not in ("auto", "on", "off"):
+        raise EngineUnavailable(f"compile = {value!r}: expected auto, on or off")
+    return value
+
+
+def load_gguf(directory: str, name: str, dtype: Any) -> Any:
+    """A GGUF file's model in transformers, its weights dequantized. `from_pretrained` reads
+    GGUF only with `accelerate` installed; without it the model is built from the file's
+    config and the file's tensors loaded into it, the same weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import is_accelerate_available
+    kw = {"gguf_file": name, "local_files_only": True}
+    if is_accelerate_available():
+        return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kw)
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory, **kw))
+    tensors = load_gguf_checkpoint(os.path.join(directory, name), return_tensors=True,
+                                   model_to_load=model)["tensors"]
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:  # lm_head: tied to the embeddings
+        raise ValueError(f"the GGUF tensors do not fit the model: missing {missing}, "
+                         f"unexpected {unexpected}")
+    return model.to(dtype)
 
 
 def text_decoder(tokenizer: Any) -> IdsText:
@@ -41,15 +79,14 @@ def text_decoder(tokenizer: Any) -> IdsText:
 def rows_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
                    resiso_rows: list[tuple[int, int]] | None = None, **kw: Any) -> Any:
     """sdpa attention; in a batched decode step (`resiso_rows`: each running row with the
-    first column of its own keys), one call per row on that row's keys alone, the very
-    computation the job gets when it runs alone. Free rows attend to nothing (zeros)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    first column of its own keys), one call per row on that row's keys alone, so no row's
+    numbers depend on the other rows' lengths. Free rows attend to nothing (zeros)."""
     if resiso_rows is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
+        return _sdpa(module, query, key, value, attention_mask, **kw)
     out = None
     for row, first in resiso_rows:
-        part, _ = sdpa_attention_forward(module, query[row:row + 1], key[row:row + 1, :, first:],
-                                         value[row:row + 1, :, first:], None, **kw)
+        part, _ = _sdpa(module, query[row:row + 1], key[row:row + 1, :, first:],
+                        value[row:row + 1, :, first:], None, **kw)
         if out is None:
             out = part.new_zeros((query.shape[0],) + tuple(part.shape[1:]))
         out[row] = part[0]
@@ -72,7 +109,8 @@ class Seq:
         self.generated = 0            # tokens sampled so far
         self.last = -1                # the last sampled token: the next step's input
         self.length = 0               # tokens in its KV state (prompt + generated - 1)
-        self.kv: Any = None           # its own cache while not a row of the batch
+        self.kv: Any = None           # its own cache while not a row of the batch (or the
+        #                               engine's StaticLane while it decodes there)
         self.prefilled = False
         self.paused = False           # `paused` emitted, not yet `resumed`
         self.share_key: str | None = None     # put the result in the shared cache at the end
@@ -94,6 +132,9 @@ class TransformersEngine(BatchEngine):
     def __init__(self, domain: dict[str, Any], ctx: Any):
         super().__init__(domain, ctx)
         self.capacity = parallel_slots(domain, ctx.device)
+        self._lane: StaticLane | None = None
+        self.decode_path = "dynamic"  # or "static+compiled" (reported by runs_on)
+        self.compile_error: str | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -104,6 +145,8 @@ class TransformersEngine(BatchEngine):
         self._slots: list[Seq | None] = [None] * self.capacity if self._batchable else []
         self._pads: list[int] = []     # left padding of each row
         self._cache: Any = None        # the batched cache
+        if getattr(self, "_lane", None) is not None:
+            self._lane.release()
 
     # -- loading ---------------------------------------------------------------------------
 
@@ -133,7 +176,10 @@ class TransformersEngine(BatchEngine):
             kw["gguf_file"] = gguf_file
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path, **kw)
-            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
+            if gguf_file:
+                self.model = load_gguf(path, gguf_file, dtype)
+            else:
+                self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
         except Exception as exc:
             raise EngineUnavailable(f"cannot load the model in {path}: {exc}")
         self.model.to(self.device).eval()
@@ -151,14 +197,51 @@ class TransformersEngine(BatchEngine):
                          getattr(self.model.config, "max_position_embeddings", None) or 10**9)
         self._batchable, self._rowwise = self._batch_mode()
         self._reset()
+        if compile_wanted(compile_setting(self.domain), self.device):
+            self._compile()
+
+    def _compile(self) -> None:
+        """The static-cache lane with its compiled step, compiled now (a few decode steps of
+        a short prompt) rather than on the first job; any failure leaves the dynamic path,
+        with the reason in the log and in `runs_on`."""
+        import sys
+        use_cache_dir(self.torch, compile_cache_dir(self.ctx.state_dir))
+        try:
+            if not self._batchable:
+                raise RuntimeError("the model's cache is not plain full attention")
+            lane = StaticLane(self.torch, self.model, self.device, self.limit)
+            with self.torch.inference_mode():
+                prompt = self._prompt_ids([{"role": "user", "content": "Hi"}])
+                ids = self.torch.tensor([prompt], dtype=self.torch.long, device=self.device)
+                out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+                lane.load(None, out.past_key_values, len(prompt))
+                token = int(out.logits[0, -1].argmax())
+                for i in range(3):  # CUDA graphs are recorded on the second and third call
+                    token = int(lane.decode(token, len(prompt) + i)[0].argmax())
+                lane.release()
+        except Exception as exc:
+            self.compile_error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            print(f"resiso: transformers engine: static cache + torch.compile unavailable, "
+                  f"decoding on the dynamic cache: {self.compile_error}", file=sys.stderr)
+            return
+        self._lane, self.decode_path = lane, "static+compiled"
+
+    def runs_on(self) -> dict[str, Any]:
+        where = {"device": getattr(self, "device", "cpu"), "decode": self.decode_path}
+        if self.compile_error:
+            where["compile_error"] = self.compile_error
+        return where
 
     def _batch_mode(self) -> tuple[bool, bool]:
         """Whether the jobs' KV states can share one batched cache (full attention in every
         layer), and whether attention then runs row by row on each job's own keys (sdpa
         models): a padded row's attention sums over more terms, in another order, so its
         numbers drift from the job's alone."""
+        global _sdpa
         from transformers import DynamicCache
         from transformers.cache_utils import DynamicLayer
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        _sdpa = sdpa_attention_forward  # a global, not an import inside the traced step
         try:
             layers = DynamicCache(config=self.model.config).layers
         except Exception:
@@ -169,7 +252,11 @@ class TransformersEngine(BatchEngine):
             return True, False
         try:
             from transformers import AttentionInterface
+            from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
             AttentionInterface.register("resiso_rows", rows_attention)
+            # sdpa's masks: the batch ignores them (each row is sliced to its own keys), a
+            # static cache needs one to hide the columns it has not filled yet
+            AttentionMaskInterface.register("resiso_rows", sdpa_mask)
             self.model.set_attn_implementation("resiso_rows")
         except Exception:
             return True, False
@@ -177,6 +264,7 @@ class TransformersEngine(BatchEngine):
 
     def unload(self) -> None:
         self._reset()
+        self._lane = None
         del self.model
         if self.device == "cuda":
             self.torch.cuda.empty_cache()
@@ -273,11 +361,12 @@ class TransformersEngine(BatchEngine):
 
     def _decode(self) -> list[tuple[Seq, Outcome]]:
         torch = self.torch
+        self._arrange()
         rows = self._running()
-        if self._batchable:
+        if self._cache is not None:
             # one forward over every slot, free ones included: the matrix products then have
             # the same shape whatever the number of jobs, which keeps each row's numbers
-            # bit for bit what they are alone
+            # bit for bit the same whichever other jobs share the step
             slots = self._slots
             tokens = torch.tensor([[s.last if s else 0] for s in slots], dtype=torch.long,
                                   device=self.device)
@@ -293,9 +382,12 @@ class TransformersEngine(BatchEngine):
                              past_key_values=self._cache, use_cache=True, **extra)
             index = [i for i, s in enumerate(slots) if s]
             logits = out.logits[index, -1, :]
-        else:  # one forward per job, each on its own cache
+        else:  # one forward per job, each on its own cache: a lone job, or no batched cache
             parts = []
             for s in rows:
+                if self._lane is not None and s.kv is self._lane:
+                    parts.append(self._lane.decode(s.last, s.length))
+                    continue
                 out = self.model(
                     input_ids=torch.tensor([[s.last]], dtype=torch.long, device=self.device),
                     position_ids=torch.tensor([[s.length]], dtype=torch.long,
@@ -375,13 +467,50 @@ class TransformersEngine(BatchEngine):
         return sum(s is None for s in self._slots)
 
     def _join(self, seq: Seq) -> None:
-        """Put a job (with its own KV state) in a free slot."""
+        """Give a job (with its own KV state) a free slot; `_arrange` moves the state."""
         if not self._batchable:
             self._slots.append(seq)
             return
+        self._slots[self._slots.index(None)] = seq
+
+    def _arrange(self) -> None:
+        """Where the running jobs' KV states live for this step: a lone job's on its own
+        cache (the static lane when there is one), two or more jobs' in the batched cache."""
+        if not self._batchable:
+            return
+        rows = [(i, s) for i, s in enumerate(self._slots) if s is not None]
+        if len(rows) == 1:
+            slot, seq = rows[0]
+            if seq.kv is None:  # the last row of the batch
+                seq.kv = self._row_kv(slot)
+                self._cache, self._pads = None, []
+            lane = self._lane
+            if lane is not None and lane.owner is None and seq.length < lane.max_len:
+                lane.load(seq, seq.kv, seq.length)
+                seq.kv = lane
+            return
+        for slot, seq in rows:
+            if seq.kv is not None:
+                self._insert(seq, slot)
+
+    def _own_kv(self, seq: Seq) -> Any:
+        """A job's KV state as a cache of its own (taken off the lane if it is there)."""
+        if self._lane is not None and seq.kv is self._lane:
+            seq.kv = self._lane.take()
+        return seq.kv
+
+    def _row_kv(self, slot: int) -> Any:
+        from transformers import DynamicCache
+        pad = self._pads[slot]
+        return DynamicCache(ddp_cache_data=[
+            (layer.keys[slot:slot + 1, :, pad:].clone(),
+             layer.values[slot:slot + 1, :, pad:].clone())
+            for layer in self._cache.layers])
+
+    def _insert(self, seq: Seq, slot: int) -> None:
+        """Move a job's own KV state into its row of the batched cache."""
         torch = self.torch
-        slot = self._slots.index(None)
-        own = seq.kv.layers
+        own = self._own_kv(seq).layers
         length = own[0].keys.shape[-2]
         if self._cache is None:
             self._cache = seq.kv
@@ -405,25 +534,28 @@ class TransformersEngine(BatchEngine):
                 layer.keys[slot, :, width - length:] = mine.keys[0]
                 layer.values[slot, :, width - length:] = mine.values[0]
         self._pads[slot] = self._width() - length
-        self._slots[slot] = seq
         seq.kv = None
 
     def _leave(self, seq: Seq) -> None:
         """Free a job's slot; a paused job keeps its KV state to go on from."""
+        keep = seq.job.paused and not seq.job.cancelled.is_set()
         if not self._batchable:
             self._slots.remove(seq)
             if not seq.job.paused:
                 seq.kv = None
             return
-        from transformers import DynamicCache
         slot = self._slots.index(seq)
-        pad = self._pads[slot]
-        if seq.job.paused and not seq.job.cancelled.is_set():
-            seq.kv = DynamicCache(ddp_cache_data=[
-                (layer.keys[slot:slot + 1, :, pad:].clone(),
-                 layer.values[slot:slot + 1, :, pad:].clone())
-                for layer in self._cache.layers])
         self._slots[slot] = None
+        if seq.kv is not None:  # decoding alone, on its own cache or the lane
+            if keep:
+                self._own_kv(seq)
+            else:
+                if seq.kv is self._lane:
+                    self._lane.release()
+                seq.kv = None
+            return
+        if keep:
+            seq.kv = self._row_kv(slot)
         width = self._width()
         self._pads[slot] = width
         held = [p for p, s in zip(self._pads, self._slots) if s is not None]
