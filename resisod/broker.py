@@ -1,7 +1,8 @@
 """The broker: the daemon's sockets and its one loop. It moves messages; it decides nothing.
 
     poll → drain clients (ClientOps) → drain workers (WorkerLink) → commit what they reported
-         → dispatch (Scheduler) → every TICK_S: tick → commit (store, then the Outbox to clients)
+         (when no job is queued) → dispatch (Scheduler) → every TICK_S: tick → commit (store,
+         then the Outbox to clients)
 
 A job's data path reads straight through: a client request enters `ClientOps`, the
 `Scheduler` decides, its effects go out through the `WorkerLink`; the worker's answers come
@@ -134,6 +135,7 @@ class Broker:
         if remote is not None:
             poller.register(remote, zmq.POLLIN)
         sched, from_client, began = self.sched, self.ops.handle, self.loop.began
+        domains = list(sched.domains.values())
         self.loop.watch_gc()
         while True:
             now = self.clock()
@@ -148,9 +150,11 @@ class Broker:
                 self.drain(self.workers, self.from_worker)
             if remote in ready:
                 self.cluster.drain(self.apply)
-            if self.outbox.items and (self.workers in ready or remote in ready):
-                # what workers reported (results, tokens) leaves before the scheduling round:
-                # a client waits on it, while a dispatched job waits only on its worker
+            if self.outbox.items and (self.workers in ready or remote in ready) and \
+                    not any(d.queue for d in domains):
+                # what workers reported (results, tokens) leaves before the scheduling round
+                # when no job waits for a worker. When jobs wait, the round comes first (a
+                # freed worker must not idle through a commit) and one commit covers both.
                 self.commit()
             if self.stop_requested and not sched.stopping:
                 self.stop()
