@@ -54,6 +54,8 @@ def load_gguf(directory: str, name: str, dtype: Any) -> Any:
     config and the file's tensors loaded into it, the same weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import is_accelerate_available
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # a worker's stderr is the daemon's log, not a terminal
     kw = {"gguf_file": name, "local_files_only": True}
     if is_accelerate_available():
         return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kw)
