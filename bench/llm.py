@@ -111,7 +111,7 @@ class RawGenerate:
         from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()  # the tables are the output
-        from resisod.engines.transformers_llm import load_gguf  # the engine's own loading
+        from resisod.engines.hf_model import load_gguf  # the engine's own loading
         torch.set_num_threads(threads)
         self.torch, self.device = torch, device
         directory, name = os.path.split(gguf())

@@ -123,7 +123,7 @@ def hf_tokenizer():
 
 
 def test_hf_tokens_split_characters_and_the_decoder_rejoins_them(hf_tokenizer):
-    from resisod.engines.transformers_llm import text_decoder
+    from resisod.engines.hf_model import text_decoder
     ids = hf_tokenizer(SAMPLE, add_special_tokens=False).input_ids
     alone = [hf_tokenizer.decode([i]) for i in ids]
     assert sum(REPLACEMENT in t for t in alone) >= 5  # fragments decode to U+FFFD alone
@@ -135,7 +135,7 @@ def test_hf_tokens_split_characters_and_the_decoder_rejoins_them(hf_tokenizer):
 
 
 def test_hf_decoder_leaves_out_a_character_cut_short(hf_tokenizer):
-    from resisod.engines.transformers_llm import text_decoder
+    from resisod.engines.hf_model import text_decoder
     ids = hf_tokenizer(SAMPLE, add_special_tokens=False).input_ids
     cut_inside = 0
     for n in range(1, len(ids) + 1):

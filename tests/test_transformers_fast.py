@@ -68,7 +68,7 @@ def drain(engine, outcomes, hook=None):
 def test_compile_decision_and_cache_dir(tmp_path):
     from resisod.engines.base import EngineUnavailable
     from resisod.engines.hf_static import compile_cache_dir, compile_wanted
-    from resisod.engines.transformers_llm import compile_setting
+    from resisod.engines.hf_model import compile_setting
     assert compile_wanted("auto", "cuda") and not compile_wanted("auto", "cpu")
     assert compile_wanted("on", "cpu") and not compile_wanted("off", "cuda")
     assert compile_cache_dir(str(tmp_path)).startswith(str(tmp_path) + os.sep)
@@ -84,7 +84,7 @@ def test_compile_decision_and_cache_dir(tmp_path):
 def test_ids_text_streams_multibyte_from_a_small_window():
     from transformers import AutoTokenizer
     from resisod import builtin
-    from resisod.engines.transformers_llm import text_decoder
+    from resisod.engines.hf_model import text_decoder
     path = builtin.llm_path("builtin:smollm2-135m-instruct")
     tok = AutoTokenizer.from_pretrained(os.path.dirname(path),
                                         gguf_file=os.path.basename(path), local_files_only=True)
