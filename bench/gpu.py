@@ -107,18 +107,10 @@ def build_sd(out: str, sh: dict, device: str, dtype) -> None:
     import torch
     from diffusers import (AutoencoderKL, EulerAncestralDiscreteScheduler,
                            StableDiffusionPipeline, UNet2DConditionModel)
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-    from resisod.engines.tiny_sd import _byte_alphabet
-    chars = _byte_alphabet()  # a char-level CLIP vocabulary (no real one ships offline)
-    vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars]
-                                        + ["<|startoftext|>", "<|endoftext|>"])}
+    from transformers import CLIPTextConfig, CLIPTextModel
+    from resisod.engines.tiny_sd import char_clip_tokenizer
     with tempfile.TemporaryDirectory() as src:
-        with open(os.path.join(src, "vocab.json"), "w") as f:
-            json.dump(vocab, f)
-        with open(os.path.join(src, "merges.txt"), "w") as f:
-            f.write("#version: 0.2\n")
-        tokenizer = CLIPTokenizer(os.path.join(src, "vocab.json"),
-                                  os.path.join(src, "merges.txt"), model_max_length=77)
+        tokenizer, vocab = char_clip_tokenizer(src)
     torch.manual_seed(0)
     clip = {**sh["clip"], "vocab_size": max(sh["clip"]["vocab_size"], len(vocab))}
     with torch.device(device):

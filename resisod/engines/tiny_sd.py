@@ -27,32 +27,34 @@ def _byte_alphabet() -> list[str]:
     return [chr(c) for c in cs]
 
 
+def char_clip_tokenizer(directory: str) -> tuple[object, dict[str, int]]:
+    """A CLIP tokenizer over single byte-level characters, written to `directory` (no real
+    CLIP vocabulary ships offline), and its vocabulary (the specials last)."""
+    from transformers import CLIPTokenizer
+    chars = _byte_alphabet()
+    vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars]
+                                        + ["<|startoftext|>", "<|endoftext|>"])}
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(directory, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(os.path.join(directory, "vocab.json"),
+                              os.path.join(directory, "merges.txt"), model_max_length=77)
+    return tokenizer, vocab
+
+
 def build(target: str, seed: int = 1234) -> None:
     """Write the pipeline to `target` (atomically: a half-built model is never loaded)."""
     import torch
     from diffusers import (AutoencoderKL, EulerAncestralDiscreteScheduler,
                            StableDiffusionPipeline, UNet2DConditionModel)
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     work = tempfile.mkdtemp(prefix=".tiny-sd-", dir=os.path.dirname(target))
     try:
-        chars = _byte_alphabet()
-        vocab = {}
-        for c in chars:
-            vocab[c] = len(vocab)
-        for c in chars:
-            vocab[c + "</w>"] = len(vocab)
-        for special in ("<|startoftext|>", "<|endoftext|>"):
-            vocab[special] = len(vocab)
-        tok_dir = os.path.join(work, "tok-src")
-        os.makedirs(tok_dir)
-        with open(os.path.join(tok_dir, "vocab.json"), "w") as f:
-            json.dump(vocab, f)
-        with open(os.path.join(tok_dir, "merges.txt"), "w") as f:
-            f.write("#version: 0.2\n")
-        tokenizer = CLIPTokenizer(os.path.join(tok_dir, "vocab.json"),
-                                  os.path.join(tok_dir, "merges.txt"), model_max_length=77)
+        tokenizer, vocab = char_clip_tokenizer(os.path.join(work, "tok-src"))
         text_encoder = CLIPTextModel(CLIPTextConfig(
             vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
             num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
