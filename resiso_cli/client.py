@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 import zmq
 
+from resisod import zmq_raw
 from resisod.paths import _answers, client_socket
 from resisod.protocol import FINAL_EVENTS, HARD_FRAME_LIMIT, Event, Op, pack, request, unpack
 
@@ -81,7 +82,7 @@ class Client:
     # --- plumbing ----------------------------------------------------------------------------
     def send(self, op: str, **fields: Any) -> int:
         rid = next(self._rids)
-        self.sock.send(pack(request(op, rid, **fields)))
+        zmq_raw.send(self.sock, pack(request(op, rid, **fields)), 0)
         return rid
 
     def keep_alive(self, now: float) -> float | None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import zmq
 
+from . import zmq_raw
 from .engines.base import BatchEngine, Cancelled, JobControl, JobError
 from .protocol import HARD_FRAME_LIMIT, Code, WorkerMsg, pack, unpack
 from .worker import is_gpu_oom
@@ -115,8 +116,8 @@ class BatchLoop:
         sock = self.sock
 
         def emit(event: str, fields: dict[str, Any]) -> None:
-            sock.send(pack({"op": WorkerMsg.PARTIAL, "task_id": task_id,
-                            "event": event, **fields}))
+            zmq_raw.send(sock, pack({"op": WorkerMsg.PARTIAL, "task_id": task_id,
+                                     "event": event, **fields}), 0)
 
         control = JobControl(task_id, emit, priority=priority)
         try:

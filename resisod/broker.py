@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import zmq
 
-from . import __version__, cluster, estimates, expiry, logsetup, status
+from . import __version__, cluster, estimates, expiry, logsetup, status, zmq_raw
 from .client_ops import ClientOps
 from .loop_health import LoopWatch
 from .monitors import Monitors
@@ -34,6 +34,7 @@ from .store import JobStore
 from .subscriptions import Subscriptions
 from .supervisor import Gateway, Supervisor
 from .worker_link import WorkerLink
+from .zmq_raw import EVENTS, NOBLOCK, POLLIN, SNDMORE
 
 log = logging.getLogger("resisod")
 
@@ -47,10 +48,6 @@ DRAIN_BATCH = 512          # messages per socket per turn: one busy side cannot 
 CLIENT_SNDHWM = 10000
 CLIENT_RCVHWM = 1000
 WORKER_HWM = 100000
-# plain ints: pyzmq's enum flags cost an enum operation per send on the hot path
-NOBLOCK, SNDMORE, POLLIN, EVENTS = (int(zmq.NOBLOCK), int(zmq.SNDMORE), int(zmq.POLLIN),
-                                    int(zmq.EVENTS))
-
 
 class Broker:
     def __init__(self, cfg: dict[str, Any], *, claim: SocketClaim, sched: Scheduler,
@@ -128,12 +125,10 @@ class Broker:
         self.notifier.ready()
         log.info("resisod %s serving on %s (state %s)", __version__, self.socket_path,
                  self.state_dir)
-        poller = zmq.Poller()
-        poller.register(self.client, zmq.POLLIN)
-        poller.register(self.workers, zmq.POLLIN)
         remote = self.cluster.sock if self.cluster is not None else None
+        polled = [(self.client, POLLIN), (self.workers, POLLIN)]
         if remote is not None:
-            poller.register(remote, zmq.POLLIN)
+            polled.append((remote, POLLIN))
         sched, from_client, began = self.sched, self.ops.handle, self.loop.began
         domains = list(sched.domains.values())
         self.loop.watch_gc()
@@ -141,7 +136,7 @@ class Broker:
             now = self.clock()
             # whole milliseconds, rounded up: pyzmq truncates, and a 0 ms timeout in the last
             # millisecond before a tick would spin the loop
-            ready = dict(poller.poll(max(0, math.ceil((self.next_tick - now) * 1000))))
+            ready = dict(zmq_raw.poll(polled, max(0, math.ceil((self.next_tick - now) * 1000))))
             t0 = self.clock()
             began()
             if self.client in ready:
@@ -182,9 +177,9 @@ class Broker:
         """Handle what `sock` holds, up to DRAIN_BATCH messages; poll said it is readable.
 
         Per message this costs two recvs and one EVENTS check: recv_multipart asks RCVMORE
-        after every frame, and each getsockopt builds an enum in pyzmq; ending on a raised
-        `Again` costs twice an EVENTS check."""
-        recv, events = sock.recv, sock.getsockopt
+        after every frame, and pyzmq's `getsockopt` builds an enum (its `get` does not);
+        ending on a raised `Again` costs twice an EVENTS check."""
+        recv = sock.recv
         for _ in range(DRAIN_BATCH):
             try:
                 ident = recv(NOBLOCK)
@@ -197,7 +192,7 @@ class Broker:
                 frame = recv(NOBLOCK, copy=False)
                 frames.append(frame.bytes)
             handle(ident, frames)
-            if not events(EVENTS) & POLLIN:
+            if not zmq_raw.get(sock, EVENTS) & POLLIN:
                 return
 
     def from_worker(self, ident: bytes, frames: list[bytes]) -> None:
@@ -235,7 +230,8 @@ class Broker:
         """Make this iteration's state changes durable, then tell clients about them."""
         self.store.commit()
         if self.outbox.items:
-            dropped = self.outbox.deliver(self.client.send, SNDMORE, NOBLOCK, zmq.ZMQError)
+            dropped = self.outbox.deliver(self.client, zmq_raw.send, SNDMORE, NOBLOCK,
+                                          zmq.ZMQError)
             for ident, exc in dropped.items():
                 self.drop_client(ident, stalled=exc.errno == zmq.EAGAIN)
 

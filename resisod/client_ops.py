@@ -10,7 +10,7 @@ import logging
 import os
 from typing import Any, Callable
 
-from . import __version__, domains as domain_routing, logsetup, params as job_params
+from . import __version__, domains as domain_routing, params as job_params
 from .jobs import CANCELLED, Job
 from .monitors import Monitors
 from .outbox import Outbox
@@ -21,7 +21,6 @@ from .store import JobStore
 from .subscriptions import Subscriptions
 
 log = logging.getLogger("resisod")
-jlog = logsetup.JobLines(log)  # job transitions: formatted at the tick's flush, not inline
 
 MAX_ALIVE_RIDS = 4096   # request ids one `alive` may name
 MAX_JOBS_LISTED = 1000
@@ -118,10 +117,9 @@ class ClientOps:
                                    status=JobState.QUEUED, position=position,
                                    estimated_time_ms=round(domain.wait_estimate(job, now)),
                                    alive_ms=self.alive_ms))
-        jlog.info("job %s accepted domain=%s priority=%s position=%d", job.task_id,
-                  domain.name, priority, position)
-        if self.debug:  # prompts and texts are logged at DEBUG only
-            log.debug("job %s params %r", job.task_id, params)
+        if self.debug:  # at INFO a job has two lines: started and ended
+            log.debug("job %s accepted domain=%s priority=%s position=%d params %r",
+                      job.task_id, domain.name, priority, position, params)
 
     def op_watch(self, ident: bytes, rid: Any, msg: dict[str, Any]) -> None:
         self.subs.attach(self.lookup(msg), ident, rid, self.sched.clock())

@@ -19,15 +19,14 @@ from typing import Any, Callable
 
 import zmq
 
-from . import cluster_auth, cluster_keys, remote_slots
+from . import cluster_auth, cluster_keys, remote_slots, zmq_raw
 from .protocol import HARD_FRAME_LIMIT, HEARTBEAT_SUFFIX, ProtocolError, WorkerMsg, pack, unpack
 from .slots import Slot, SlotState
 from .supervisor import SILENT_BEATS
+from .zmq_raw import EVENTS, NOBLOCK, POLLIN
 
 log = logging.getLogger("resisod.cluster")
 
-NOBLOCK, SNDMORE, POLLIN, EVENTS = (int(zmq.NOBLOCK), int(zmq.SNDMORE), int(zmq.POLLIN),
-                                    int(zmq.EVENTS))
 DRAIN_BATCH = 512
 HWM = 100000
 MAX_IDENTITY = 200           # a routing id longer than this is not one of our workers'
@@ -108,7 +107,7 @@ class Cluster:
         message from an identity not yet known is a hello, whose frame properties (the
         peer's address, its key from ZAP) are read only then."""
         sock, by_identity, on_message = self.sock, self.by_identity, self.link.on_message
-        recv, events = sock.recv, sock.getsockopt
+        recv = sock.recv
         for _ in range(DRAIN_BATCH):
             try:
                 ident = recv(NOBLOCK)
@@ -126,7 +125,7 @@ class Cluster:
                     apply(on_message(ident, frames))
             elif len(frames) == 1:
                 self.greet(ident, frames[0], first)
-            if not events(EVENTS) & POLLIN:
+            if not zmq_raw.get(sock, EVENTS) & POLLIN:
                 return
 
     def greet(self, ident: bytes, body: bytes, frame: Any) -> None:

@@ -40,9 +40,9 @@ class Effects:
                 self.link.run(slot, job)
                 self.store.update(job)
                 self.subs.started(job, slot.name, self.clock())
-                jlog.info("job %s started domain=%s worker=%s attempt=%d waited_ms=%.0f",
-                          job.task_id, job.domain, slot.name, job.attempts,
-                          (job.started_at - job.created_at) * 1000)
+                jlog.info("job %s started domain=%s worker=%s attempt=%d priority=%s "
+                          "waited_ms=%.0f", job.task_id, job.domain, slot.name, job.attempts,
+                          job.priority, (job.started_at - job.created_at) * 1000)
             elif kind is Signal:
                 self.link.signal(*e)
             elif kind is Kill:

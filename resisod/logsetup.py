@@ -111,7 +111,8 @@ def flush() -> None:
 
 
 class JobLines:
-    """Job transition lines (three per job), cheap enough for thousands of jobs a second.
+    """Job transition lines (started and ended: two per job), cheap enough for thousands of
+    jobs a second.
 
     In the daemon the line is kept raw and formatted at the next flush, like every other
     record; elsewhere it is an ordinary logger call.

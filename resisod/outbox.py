@@ -19,19 +19,20 @@ class Outbox:
     def post(self, ident: bytes, msg: dict[str, Any]) -> None:
         self.items.append((ident, pack(msg)))
 
-    def deliver(self, send: Callable[[bytes, int], Any], more: int, noblock: int,
-                refused: type[Exception]) -> dict[bytes, Any]:
-        """Send everything posted (call after the store commit). The client socket is
-        ROUTER_MANDATORY with a bounded queue per client, so a client that has gone, or has
-        stopped reading while its queue filled up, refuses; it gets nothing more from this
-        batch, and its identity is returned (with the error) for the broker to drop."""
+    def deliver(self, sock: Any, send: Callable[[Any, bytes, int], Any], more: int,
+                noblock: int, refused: type[Exception]) -> dict[bytes, Any]:
+        """Send everything posted on `sock` with `send(sock, frame, flags)` (call after the
+        store commit). The client socket is ROUTER_MANDATORY with a bounded queue per client,
+        so a client that has gone, or has stopped reading while its queue filled up, refuses;
+        it gets nothing more from this batch, and its identity is returned (with the error)
+        for the broker to drop."""
         dropped: dict[bytes, Any] = {}
         for ident, frame in self.items:
             if dropped and ident in dropped:
                 continue
             try:
-                send(ident, more | noblock)
-                send(frame, noblock)
+                send(sock, ident, more | noblock)
+                send(sock, frame, noblock)
             except refused as exc:
                 dropped[ident] = exc
         self.items.clear()

@@ -194,10 +194,15 @@ class Scheduler:
         if not self.stopping:
             now = self.clock()
             ready = []
+            domains = self.domains
             for slot in self.slots:
-                if slot.state not in ACCEPTING or not slot.breaker.allows(now):
+                if slot.state not in ACCEPTING:
                     continue
-                domain = self.domains[slot.domain]
+                domain = domains[slot.domain]
+                # nothing queued and no job of its own to resume: nothing to decide (the
+                # common case after a job ends, once per slot)
+                if not (domain.queue or slot.bumped) or not slot.breaker.allows(now):
+                    continue
                 if slot.bumped:
                     self._resume_bumped(slot, domain)
                 if slot.free > 0:

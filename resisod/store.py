@@ -141,6 +141,7 @@ class JobStore:
         self.applied_cv = threading.Condition()
         self.flushing = threading.Event()   # set while someone waits for the writer
         self.pending: dict[str, Job] = {}
+        self.packed_params: dict[str, bytes] = {}  # unfinished jobs' params, as written
         self.full: OSError | None = None    # the last journal write failed (a full disk)
         self.closing = False
         self.deadlines: dict[str, float | None] = {}
@@ -186,10 +187,16 @@ class JobStore:
         """Make the iteration's changes durable (one journal write) before clients hear."""
         if not self.pending:
             return
-        rows = [(j.task_id, j.seq, j.domain, j.kind, j.priority, j.state, _pack(j.params),
-                 j.created_at, j.started_at, j.finished_at, self.deadlines.get(j.task_id),
-                 j.attempts, j.interrupted, int(j.detached), _pack(j.result), _pack(j.error))
-                for j in self.pending.values()]
+        packed, rows = self.packed_params, []
+        for j in self.pending.values():
+            # a job's params never change once it is queued: packed once, not per change
+            params = packed.get(j.task_id)
+            if params is None:
+                params = packed[j.task_id] = pack(j.params)
+            rows.append((j.task_id, j.seq, j.domain, j.kind, j.priority, j.state, params,
+                         j.created_at, j.started_at, j.finished_at,
+                         self.deadlines.get(j.task_id), j.attempts, j.interrupted,
+                         int(j.detached), _pack(j.result), _pack(j.error)))
         frame = pack(rows)
         with self.journal_lock:
             end = self.jend
@@ -215,8 +222,10 @@ class JobStore:
         if self.full is not None:
             log.warning("the job journal is writable again; new jobs are accepted")
             self.full = None
-        for j in self.pending:
-            self.deadlines.pop(j, None)
+        for task_id, j in self.pending.items():
+            self.deadlines.pop(task_id, None)
+            if j.finished_at is not None:  # finished for good: no more changes to write
+                packed.pop(task_id, None)
         self.pending.clear()
         self.batches.put(rows)
 

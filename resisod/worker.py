@@ -26,7 +26,7 @@ from typing import Any
 
 import zmq
 
-from . import devices, isolation
+from . import devices, isolation, zmq_raw
 from .engines.base import Cancelled, JobControl, JobError  # the interface only: no model code
 from .protocol import (HARD_FRAME_LIMIT, HEARTBEAT_ECHO, HEARTBEAT_SUFFIX, HEARTBEAT_TIME, Code,
                        WorkerMsg, pack, unpack)
@@ -34,7 +34,7 @@ from .protocol import (HARD_FRAME_LIMIT, HEARTBEAT_ECHO, HEARTBEAT_SUFFIX, HEART
 PR_SET_PDEATHSIG = 1
 DAEMON_SILENCE_S = 10.0
 # plain ints: pyzmq's enum constants cost an enum lookup per call at every token
-RCVTIMEO, EVENTS, POLLIN = int(zmq.RCVTIMEO), int(zmq.EVENTS), int(zmq.POLLIN)
+RCVTIMEO = int(zmq.RCVTIMEO)
 
 
 def _die_with_parent() -> None:
@@ -109,7 +109,7 @@ class Worker:
         self.greeted = False            # a remote worker says hello before it has a spec
 
     def send(self, msg: dict[str, Any]) -> None:
-        self.sock.send(pack(msg))
+        zmq_raw.send(self.sock, pack(msg), 0)
 
     def start_heartbeat(self) -> None:
         # a remote worker's daemon going silent is a failure its service manager restarts
@@ -199,8 +199,8 @@ class Worker:
         sock = self.sock
 
         def emit(event: str, fields: dict[str, Any]) -> None:
-            sock.send(pack({"op": WorkerMsg.PARTIAL, "task_id": task_id,
-                            "event": event, **fields}))
+            zmq_raw.send(sock, pack({"op": WorkerMsg.PARTIAL, "task_id": task_id,
+                                     "event": event, **fields}), 0)
 
         control = JobControl(task_id, emit, self.poll_control)
         try:
@@ -236,7 +236,7 @@ class Worker:
     def poll_control(self, control: Any, wait: float) -> None:
         """Read control messages for the running job; wait up to `wait` s for the first."""
         sock = self.sock
-        if not wait and not sock.getsockopt(EVENTS) & POLLIN:
+        if not wait and not zmq_raw.get(sock, zmq_raw.EVENTS) & zmq_raw.POLLIN:
             return  # the common case at every token/step: nothing arrived, no syscall
         timeout = wait * 1000
         while sock.poll(timeout):

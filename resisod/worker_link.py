@@ -19,11 +19,10 @@ from .scheduler import Scheduler
 from .slots import Slot, SlotState
 from .subscriptions import Subscriptions
 from .supervisor import Supervisor
+from .zmq_raw import NOBLOCK, SNDMORE, send
 
 log = logging.getLogger("resisod")
 
-# plain ints: pyzmq's enum flags cost an operation per send
-SNDMORE, NOBLOCK = int(zmq.SNDMORE), int(zmq.NOBLOCK)
 # partial events that change what the scheduler knows of a job (the rest are only relayed)
 STATEFUL_PARTIALS = frozenset({Event.PROGRESS, Event.PAUSED, Event.RESUMED})
 NOT_FIELDS = frozenset({"op", "task_id", "event"})
@@ -118,8 +117,8 @@ class WorkerLink:
         no longer connected (or not reading) refuses the message, and is treated as lost."""
         sock = slot.sock or self.sock  # a remote worker's is the cluster's TCP ROUTER
         try:
-            sock.send(slot.identity, SNDMORE | NOBLOCK)
-            sock.send(pack(msg), NOBLOCK)
+            send(sock, slot.identity, SNDMORE | NOBLOCK)
+            send(sock, pack(msg), NOBLOCK)
         except zmq.ZMQError as exc:
             log.warning("worker %s refused a %s message (%s); treating it as lost", slot.name,
                         msg.get("op"), exc.strerror)
