@@ -313,18 +313,20 @@ class JobStream:
             if deadline is not None and now >= deadline:
                 raise DaemonUnreachable(self.client.path, "no answer")
 
+    def _step(self) -> dict[str, Any]:
+        ev = self._pending.popleft() if self._pending else self._next(None)
+        if ev.get("event") in FINAL_EVENTS:
+            self.final = ev
+            self.task_id = self.task_id or ev.get("task_id")
+        return ev
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         while self.final is None:
-            ev = self._pending.popleft() if self._pending else self._next(None)
-            if ev.get("event") in FINAL_EVENTS:
-                self.final = ev
-                self.task_id = self.task_id or ev.get("task_id")
-            yield ev
+            yield self._step()
 
     def wait(self) -> dict[str, Any]:
-        for _ in self:
-            pass
-        assert self.final is not None
+        while self.final is None:
+            self._step()
         return self.final
 
     def cancel(self) -> dict[str, Any]:

@@ -131,6 +131,7 @@ class Broker:
             polled.append((remote, POLLIN))
         sched, from_client, began = self.sched, self.ops.handle, self.loop.began
         domains = list(sched.domains.values())
+        client_streak = workers_streak = False
         self.loop.watch_gc()
         while True:
             now = self.clock()
@@ -139,13 +140,18 @@ class Broker:
             ready = dict(zmq_raw.poll(polled, max(0, math.ceil((self.next_tick - now) * 1000))))
             t0 = self.clock()
             began()
-            if self.client in ready:
-                self.drain(self.client, from_client)
-            if self.workers in ready:
-                self.drain(self.workers, self.from_worker)
+            # a socket readable two iterations running is being streamed to: it is drained
+            # in batches. One that is not gives one message this turn (the next poll says if
+            # more came), which spares a quiet loop a readiness check per message.
+            client_ready, workers_ready = self.client in ready, self.workers in ready
+            if client_ready:
+                self.drain(self.client, from_client, batch=client_streak)
+            if workers_ready:
+                self.drain(self.workers, self.from_worker, batch=workers_streak)
+            client_streak, workers_streak = client_ready, workers_ready
             if remote in ready:
                 self.cluster.drain(self.apply)
-            if self.outbox.items and (self.workers in ready or remote in ready) and \
+            if self.outbox.items and (workers_ready or remote in ready) and \
                     not any(d.queue for d in domains):
                 # what workers reported (results, tokens) leaves before the scheduling round
                 # when no job waits for a worker. When jobs wait, the round comes first (a
@@ -157,7 +163,8 @@ class Broker:
             if sched.dispatch_due:
                 self.apply(sched.dispatch())
             now = t2 = self.clock()
-            if now >= self.next_tick:
+            ticked = now >= self.next_tick
+            if ticked:
                 self.tick(now)
                 logsetup.flush()  # log lines leave within one tick, in one write
                 self.next_tick = now + TICK_S
@@ -166,6 +173,8 @@ class Broker:
             t4 = self.clock()
             if t4 - t0 > self.loop.notice_s:
                 self.loop.busy(t0, t1, t2, t3, t4)
+            if ticked:
+                self.loop.mark_cpu()
             if sched.drained(now):
                 break
         self.loop.unwatch_gc()
@@ -173,8 +182,10 @@ class Broker:
         logsetup.flush()
         return 0
 
-    def drain(self, sock: zmq.Socket, handle: Callable[[bytes, list[bytes]], Any]) -> None:
-        """Handle what `sock` holds, up to DRAIN_BATCH messages; poll said it is readable.
+    def drain(self, sock: zmq.Socket, handle: Callable[[bytes, list[bytes]], Any], *,
+              batch: bool = True) -> None:
+        """Handle what `sock` holds, up to DRAIN_BATCH messages (one without `batch`); poll
+        said it is readable.
 
         Per message this costs two recvs and one EVENTS check: recv_multipart asks RCVMORE
         after every frame, and pyzmq's `getsockopt` builds an enum (its `get` does not);
@@ -192,7 +203,7 @@ class Broker:
                 frame = recv(NOBLOCK, copy=False)
                 frames.append(frame.bytes)
             handle(ident, frames)
-            if not zmq_raw.get(sock, EVENTS) & POLLIN:
+            if not batch or not zmq_raw.get(sock, EVENTS) & POLLIN:
                 return
 
     def from_worker(self, ident: bytes, frames: list[bytes]) -> None:

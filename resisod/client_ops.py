@@ -110,16 +110,15 @@ class ClientOps:
             self.subs.watch(job, ident, rid, now, partials=partials)
         self.store.insert(job, None if job.deadline is None else
                           sched.wall() + (job.deadline - now))
-        position = domain.position(job)
-        job.last_position = position
-        if ack:
+        if ack:  # the position told here is the one watchers last heard
+            job.last_position = position = domain.position(job)
             self.post(ident, event(Event.ACCEPTED, rid, task_id=job.task_id,
                                    status=JobState.QUEUED, position=position,
                                    estimated_time_ms=round(domain.wait_estimate(job, now)),
                                    alive_ms=self.alive_ms))
         if self.debug:  # at INFO a job has two lines: started and ended
             log.debug("job %s accepted domain=%s priority=%s position=%d params %r",
-                      job.task_id, domain.name, priority, position, params)
+                      job.task_id, domain.name, priority, domain.position(job), params)
 
     def op_watch(self, ident: bytes, rid: Any, msg: dict[str, Any]) -> None:
         self.subs.attach(self.lookup(msg), ident, rid, self.sched.clock())

@@ -272,11 +272,15 @@ def pick(domains: dict[str, Domain], name: str | None, kind: str | None, params:
         return domains[name], {}
     if kind is None:
         raise ProtocolError(Code.BAD_REQUEST, "field 'kind' is required")
+    model = params.get("model")
+    if not model and kind != "tts":  # the common case: the first domain of the kind
+        for d in domains.values():
+            if d.kind == kind:
+                return d, {}
     candidates = [d for d in domains.values() if d.kind == kind]
     if not candidates:
         raise ProtocolError(Code.BAD_REQUEST, f"no domain serves kind {kind!r}; served "
                             f"kinds: {', '.join(sorted({d.kind for d in domains.values()}))}")
-    model = params.get("model")
     if model:
         if not isinstance(model, str):
             raise ProtocolError(Code.BAD_REQUEST, "'model' must be a string")

@@ -12,7 +12,7 @@ import logging
 from typing import Any, Callable, Iterable
 
 from . import logsetup
-from .scheduler import DomainHealth, Ended, Kill, Requeued, Signal, Start
+from .scheduler_effects import DomainHealth, Ended, Kill, Requeued, Signal, Start
 from .store import JobStore
 from .subscriptions import Subscriptions
 from .supervisor import Supervisor

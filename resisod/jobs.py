@@ -22,9 +22,15 @@ def new_task_id(kind: str, node: str = "") -> str:
     balancer in front of several daemons sends every request about the job to its owner by
     the part between `_` and `-` (hex digits hold no `-`, so ids without a node never match).
     """
-    owner = f"{node}-" if node else ""
-    return f"{KIND_PREFIX.get(kind, kind[:3])}_{owner}{int(time.time() * 1000):012x}" \
-           f"{_rng.getrandbits(40):010x}"
+    head = _heads.get((kind, node))
+    if head is None:
+        head = _heads[(kind, node)] = f"{KIND_PREFIX.get(kind, kind[:3])}_" + \
+            (f"{node}-" if node else "")
+    # the 12 hex digits of the ms timestamp, then 10 of random bits, in one format
+    return "%s%022x" % (head, int(time.time() * 1000) << 40 | _rng.getrandbits(40))
+
+
+_heads: dict[tuple[str, str], str] = {}  # (kind, node) -> the id's fixed start
 
 
 def task_node(task_id: str) -> str:
@@ -110,8 +116,8 @@ class Job:
         return out
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+@dataclass(slots=True)  # not frozen: its __setattr__ path costs more than the rest of a
+class Outcome:          # job's ending, and nothing changes an outcome once it is made
     """How one attempt at a job ends: a finished state, or back to the queue (`retry`)."""
     state: str                          # a finished JobState, or QUEUED for a retry
     code: str = ""                      # error code for FAILED; empty otherwise
@@ -163,7 +169,7 @@ class JobTable:
 
     def add(self, job: Job) -> None:
         self.by_id[job.task_id] = job
-        if job.finished:
+        if job.state in FINISHED_STATES:
             self._retain(job)
         else:
             self.live.add(job)

@@ -3,9 +3,13 @@
 Every client and worker waits on the loop, so an iteration that takes long is a latency for
 all of them. The broker times each iteration's phases (poll excluded) and hands the long ones
 here: the longest is kept for `status`, and any over STALL_WARN_S is logged with its slowest
-phase, the garbage-collector pauses inside it, and how much of it the loop thread spent on a
-CPU. Wall time far above CPU time means the thread was runnable but not running (the kernel
-gave the cores to other processes), not that the daemon's code was slow.
+phase, the garbage-collector pauses inside it, and at most how much of it the loop thread
+spent on a CPU. Wall time far above CPU time means the thread was runnable but not running
+(the kernel gave the cores to other processes), not that the daemon's code was slow.
+
+The CPU clock is read once per tick, after the iteration that ran it, not per iteration: it
+is a system call, and a quiet loop runs two iterations per job. A stall's CPU time is counted
+from that last reading, so it is an upper bound that takes in the light iterations since.
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ class LoopWatch:
         self.gc_max_gen = -1
         self.gc_since = 0.0       # collection time since the last `began`
         self._gc_t0 = 0.0
-        self.cpu_t0 = 0.0
+        self.cpu_mark = 0.0       # the loop thread's CPU time at the last `mark_cpu`
 
     # --- garbage collection: a collector callback, on whichever thread collects ----------
     def watch_gc(self) -> None:
@@ -56,7 +60,11 @@ class LoopWatch:
     def began(self) -> None:
         """Called after poll returns: the iteration's own work starts here."""
         self.gc_since = 0.0
-        self.cpu_t0 = self.cpu_clock()
+
+    def mark_cpu(self) -> None:
+        """Called at the end of an iteration that ran the tick: where a later stall's CPU
+        time is counted from."""
+        self.cpu_mark = self.cpu_clock()
 
     def busy(self, t0: float, t1: float, t2: float, t3: float, t4: float) -> None:
         took = t4 - t0
@@ -67,8 +75,9 @@ class LoopWatch:
             phases = {"requests": t1 - t0, "dispatch": t2 - t1, "tick": t3 - t2,
                       "commit": t4 - t3}
             worst = max(phases, key=phases.__getitem__)
-            on_cpu = self.cpu_clock() - self.cpu_t0
-            log.warning("loop iteration took %.0f ms (%s %.0f ms; gc %.0f ms; on cpu %.0f ms)",
+            on_cpu = self.cpu_clock() - self.cpu_mark
+            log.warning("loop iteration took %.0f ms (%s %.0f ms; gc %.0f ms; on cpu at most "
+                        "%.0f ms)",
                         took * 1000, worst, phases[worst] * 1000, self.gc_since * 1000,
                         on_cpu * 1000)
 

@@ -12,7 +12,8 @@ import logging
 from . import params as job_params
 from .jobs import Job
 from .protocol import ProtocolError
-from .scheduler import Ended, Scheduler
+from .scheduler import Scheduler
+from .scheduler_effects import Ended
 from .store import JobStore
 
 log = logging.getLogger("resisod")

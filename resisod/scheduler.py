@@ -22,7 +22,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 from . import batch_places, preemption
 from .breakers import WORKER_FAULTS, Breaker
@@ -30,6 +30,7 @@ from .domains import Domain
 from .pacing import Pacing
 from .jobs import CANCELLED, JobTable, Job, Outcome, completed, failed, new_task_id, retry
 from .protocol import Code, Event, JobState, ProtocolError, WorkerMsg
+from .scheduler_effects import DomainHealth, Ended, Kill, Requeued, Signal, Start
 from .slots import Slot, SlotState
 
 
@@ -39,35 +40,6 @@ class RetryPolicy:
     crash_attempts: int = 2      # runs a job gets when its worker dies under it (retry once)
     interruptions: int = 1       # daemon stops a running job survives (re-queued at start)
     crash_loop: int = 5          # consecutive crashes of every slot: the domain is unavailable
-
-
-class Start(NamedTuple):
-    slot: Slot
-    job: Job
-
-
-class Signal(NamedTuple):
-    slot: Slot
-    job: Job
-    op: str                      # WorkerMsg.PAUSE / RESUME / CANCEL
-
-
-class Kill(NamedTuple):
-    slot: Slot
-    reason: str
-
-
-class Requeued(NamedTuple):
-    job: Job
-    reason: str
-
-
-class Ended(NamedTuple):
-    job: Job
-
-
-class DomainHealth(NamedTuple):
-    domain: Domain               # its `unavailable_reason` says which way it went
 
 
 # slots that can take jobs (a busy batching worker may have places left)
@@ -327,8 +299,9 @@ class Scheduler:
         if job is not None:
             slot.breaker.succeeded()
             result = dict(result or {})
-            result.setdefault("generation_time_ms",
-                              round((self.wall() - job.started_at) * 1000, 1))
+            if "generation_time_ms" not in result:  # to 0.1 ms
+                result["generation_time_ms"] = \
+                    int((self.wall() - job.started_at) * 10000 + 0.5) / 10
             self.end(job, completed(result))
         return self._take()
 
@@ -461,9 +434,11 @@ class Scheduler:
 
     def drained(self, now: float) -> bool:
         """Stopping and nothing left running, or the workers had their chance to confirm."""
+        if not self.stopping:  # asked every loop iteration
+            return False
         hb = self.cfg["daemon"]["heartbeat_ms"] / 1000.0
-        return self.stopping and (now >= self.stop_deadline + 2 * hb or
-                                  not any(d.running for d in self.domains.values()))
+        return now >= self.stop_deadline + 2 * hb or \
+            not any(d.running for d in self.domains.values())
 
     def running(self) -> list[Job]:
         return [j for d in self.domains.values() for j in d.running]

@@ -35,6 +35,10 @@ PR_SET_PDEATHSIG = 1
 DAEMON_SILENCE_S = 10.0
 # plain ints: pyzmq's enum constants cost an enum lookup per call at every token
 RCVTIMEO = int(zmq.RCVTIMEO)
+# How often a running job's checkpoints look for control messages (cancel, pause). Looking
+# is a system call inside libzmq; an engine checkpointing faster than this (a short job's
+# only checkpoint, a fast token loop) skips it, and a cancel or pause waits at most this.
+CONTROL_CHECK_S = 0.001
 
 
 def _die_with_parent() -> None:
@@ -104,6 +108,7 @@ class Worker:
         self.sock = _socket(self.ctx, self.identity, spec["endpoint"], self.curve,
                             connect=not spec.get("remote"))
         self.control: Any = None        # JobControl of the running job
+        self.next_control_check = 0.0   # monotonic time a checkpoint next looks at the socket
         self.cache: Any = None          # the shared result cache, reported with each result
         self.stopping = False
         self.greeted = False            # a remote worker says hello before it has a spec
@@ -203,6 +208,7 @@ class Worker:
                                      "event": event, **fields}), 0)
 
         control = JobControl(task_id, emit, self.poll_control)
+        self.next_control_check = time.monotonic() + CONTROL_CHECK_S
         try:
             result = engine.run(msg["params"], control)
             reply = {"op": WorkerMsg.DONE, "task_id": task_id, "result": result}
@@ -226,7 +232,9 @@ class Worker:
                 traceback.print_exc(file=sys.stderr)
                 reply = {"op": WorkerMsg.FAILED, "task_id": task_id, "code": Code.ENGINE_ERROR,
                          "message": f"{type(exc).__name__}: {exc}"}
-        self.send({**reply, **self.cache_report()})
+        if self.cache is not None:
+            reply["cache"] = self.cache.view()
+        self.send(reply)
 
     def cache_report(self) -> dict[str, Any]:
         """The shared cache's breaker and counters, riding on messages the daemon reads anyway
@@ -236,8 +244,13 @@ class Worker:
     def poll_control(self, control: Any, wait: float) -> None:
         """Read control messages for the running job; wait up to `wait` s for the first."""
         sock = self.sock
-        if not wait and not zmq_raw.get(sock, zmq_raw.EVENTS) & zmq_raw.POLLIN:
-            return  # the common case at every token/step: nothing arrived, no syscall
+        if not wait:  # the common case at every token/step
+            now = time.monotonic()
+            if now < self.next_control_check:
+                return
+            self.next_control_check = now + CONTROL_CHECK_S
+            if not zmq_raw.get(sock, zmq_raw.EVENTS) & zmq_raw.POLLIN:
+                return  # nothing arrived
         timeout = wait * 1000
         while sock.poll(timeout):
             timeout = 0

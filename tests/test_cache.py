@@ -145,6 +145,11 @@ def test_two_daemons_share_tts_and_greedy_llm_results(make_daemon, redis_server)
 def test_breaker_opens_when_redis_dies_and_closes_after_it_returns(make_daemon, redis_server):
     cooldown = 3.0
     d = make_daemon(config(redis_server.url, llm=False, cooldown_s=cooldown))
+    # each speech worker keeps its own breaker and the domain shows the worst one: every
+    # job here must go to the same worker, the first one, which takes any job while it is
+    # free, once both have loaded
+    workers = lambda: d.status()["domains"]["tts"]["workers"]  # noqa: E731
+    wait_for(lambda: all(w["state"] == "ready" for w in workers()), 60, 0.1, "both workers")
     first, _ = speak(d, "Before the outage.")
     assert first["cached"] is False
     assert cache_of(d, "tts")["breaker"] == "closed"

@@ -92,22 +92,25 @@ def test_loop_watch_keeps_the_longest_iteration_and_names_a_stall(caplog):
     from resisod.loop_health import LoopWatch
     now, cpu = [0.0], [0.0]
     w = LoopWatch(clock=lambda: now[0], cpu_clock=lambda: cpu[0])
+    w.mark_cpu()
     w.began()
     w.busy(0.0, 0.001, 0.002, 0.004, 0.005)           # 5 ms: a new maximum, no stall
     assert w.report()["max_iteration_ms"] == 5.0 and w.report()["stalls"] == 0
     assert w.notice_s == 0.005
+    cpu[0] = 0.01
+    w.mark_cpu()                                       # the last tick's iteration ended here
     w.began()
     # a 40 ms generation-2 collection inside the iteration, reported by the collector
     now[0] = 1.05
     w._on_gc("start", {"generation": 2})
     now[0] = 1.09
     w._on_gc("stop", {"generation": 2})
-    cpu[0] = 0.06                                      # 60 ms on a CPU, of 153 ms
+    cpu[0] = 0.07                                      # 60 ms on a CPU since, of 153 ms
     with caplog.at_level(logging.WARNING, logger="resisod"):
         w.busy(1.0, 1.001, 1.002, 1.152, 1.153)       # 153 ms, 150 of them in the tick
     assert w.report() == {"max_iteration_ms": 153.0, "stalls": 1, "max_gc_pause_ms": 40.0,
                           "max_gc_pause_generation": 2} and w.notice_s == 0.1
-    assert "took 153 ms (tick 150 ms; gc 40 ms; on cpu 60 ms)" in caplog.text
+    assert "took 153 ms (tick 150 ms; gc 40 ms; on cpu at most 60 ms)" in caplog.text
     w.began()                                          # a new iteration starts its own count
     assert w.gc_since == 0.0
     w.busy(2.0, 2.12, 2.12, 2.12, 2.12)               # a shorter stall still counts

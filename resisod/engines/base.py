@@ -5,11 +5,8 @@ interface can be read (and type-checked) anywhere.
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Any, Callable
-
-
 
 class JobError(Exception):
     """A job-level failure with a stable code (bad input the daemon could not check, ...)."""
@@ -44,6 +41,23 @@ class EngineContext:
     gpu_budget_mb: float | None = None
 
 
+class Flag:
+    """A cancel flag with `threading.Event`'s `set` / `is_set`, without its condition and
+    lock: a job's flag is set and read on the worker's one thread, and nothing waits on it.
+    One is built per job, which an Event makes a few microseconds dearer."""
+
+    __slots__ = ("_set",)
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+
 class JobControl:
     """What an engine sees of its running job: emit events, honour cancel and pause.
 
@@ -59,7 +73,7 @@ class JobControl:
         self.priority = priority  # a batching engine serves higher classes first
         self._emit = emit
         self._poll = poll
-        self.cancelled = threading.Event()
+        self.cancelled = Flag()
         self.paused = False
 
     def emit(self, event: str, **fields: Any) -> None:
