@@ -125,8 +125,19 @@ def resiso_round_trips(c, n: int, mode: str) -> list[float]:
 
 
 def resiso_throughput(c, seconds: float, inflight: int, mode: str) -> float:
-    """Keep `inflight` jobs submitted for `seconds`; count finals."""
-    sock = c.sock
+    """Keep `inflight` jobs submitted for `seconds`; count finals. On a socket of its own:
+    the client's carries the receive timeout its last wait set, which a burst can outlast."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 30000)  # a daemon that stops answering fails the run
+    sock.connect(f"ipc://{c.path}")
+    try:
+        return _throughput(sock, seconds, inflight, mode)
+    finally:
+        sock.close()
+
+
+def _throughput(sock, seconds: float, inflight: int, mode: str) -> float:
     body = {"kind": "null", "params": {}, "stream": True, **MODES[mode]}
     t = time.perf_counter()
     end = t + seconds
