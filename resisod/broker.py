@@ -187,9 +187,10 @@ class Broker:
         """Handle what `sock` holds, up to DRAIN_BATCH messages (one without `batch`); poll
         said it is readable.
 
-        Per message this costs two recvs and one EVENTS check: recv_multipart asks RCVMORE
-        after every frame, and pyzmq's `getsockopt` builds an enum (its `get` does not);
-        ending on a raised `Again` costs twice an EVENTS check."""
+        Per message of a batch this costs two recvs and one EVENTS check (a system call
+        inside libzmq): recv_multipart asks RCVMORE after every frame, and pyzmq's
+        `getsockopt` builds an enum (its `get` does not); ending on a raised `Again` costs
+        twice an EVENTS check."""
         recv = sock.recv
         for _ in range(DRAIN_BATCH):
             try:

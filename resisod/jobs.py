@@ -116,8 +116,10 @@ class Job:
         return out
 
 
-@dataclass(slots=True)  # not frozen: its __setattr__ path costs more than the rest of a
-class Outcome:          # job's ending, and nothing changes an outcome once it is made
+# not frozen: a frozen dataclass sets its fields through object.__setattr__, which costs
+# more than the rest of a job's ending; nothing changes an outcome once it is made
+@dataclass(slots=True)
+class Outcome:
     """How one attempt at a job ends: a finished state, or back to the queue (`retry`)."""
     state: str                          # a finished JobState, or QUEUED for a retry
     code: str = ""                      # error code for FAILED; empty otherwise

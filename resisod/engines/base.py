@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+
 class JobError(Exception):
     """A job-level failure with a stable code (bad input the daemon could not check, ...)."""
 
