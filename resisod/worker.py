@@ -107,7 +107,6 @@ class Worker:
         # a remote worker connects once it watches the handshake (remote_worker.dial)
         self.sock = _socket(self.ctx, self.identity, spec["endpoint"], self.curve,
                             connect=not spec.get("remote"))
-        self.control: Any = None        # JobControl of the running job
         self.next_control_check = 0.0   # monotonic time a checkpoint next looks at the socket
         self.cache: Any = None          # the shared result cache, reported with each result
         self.stopping = False
