@@ -246,12 +246,16 @@ def test_remote_worker_killed_mid_job_its_job_finishes_on_a_local_worker(make_da
                                       allow={"w": worker_key(key_file)})
     remotes.append(Remote(listen, key_file, server))
     remote_ready(d, remotes[-1])
-    d.wait_ready()
+    # the domain is ready once any worker is: wait for the local one too, or the first job
+    # lands on the remote worker while the local one still loads
+    wait_for(lambda: [w["state"] for w in d.status()["domains"]["null"]["workers"]]
+             == ["ready", "ready"], 60, 0.1, "the local and the remote worker ready")
     with d.client() as c:
         # the local worker comes first in dispatch order: keep it busy, so the next job
         # goes to the remote one
         first = c.submit("null", {"steps": 30, "delay_ms": 50}, partials=False)
         wait_for(lambda: c.get(first.task_id)["status"] == "running", 10, 0.05, "first runs")
+        assert not any(w["job"] == first.task_id for w in remote_workers(d))
         job = c.submit("null", {"steps": 40, "delay_ms": 50})
         wait_for(lambda: any(w["job"] == job.task_id for w in remote_workers(d)), 10, 0.05,
                  "the job on the remote worker")
