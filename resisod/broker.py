@@ -211,6 +211,9 @@ class Broker:
         self.apply(self.link.on_message(ident, frames))
 
     def tick(self, now: float) -> None:
+        held = now - self.next_tick  # how far past its due time this tick runs
+        if self.next_tick and held > self.hb:
+            self.excuse(held, now)
         self.apply(self.link.reap())
         if self.cluster is not None:
             self.apply(self.cluster.reap(now))
@@ -237,6 +240,17 @@ class Broker:
                 self.cluster.heartbeat(now)
             self.supervisor.check_memory()
             self.next_heartbeat = now + self.hb
+
+    def excuse(self, held: float, now: float) -> None:
+        """The loop could not listen for `held` seconds (kept off the CPU, stopped, one long
+        iteration). What peers sent meanwhile waits unread in the sockets, so that time is not
+        their silence: it is taken off every silence judged here (workers' beats, clients'
+        and monitors' alive messages) before the reaper and the forsaken-client check run."""
+        log.warning("the loop was held up for %.1f s; silences are counted from after it", held)
+        for slot in self.sched.slots:
+            slot.last_seen = min(now, slot.last_seen + held)
+        self.subs.excuse(held, now, self.sched.jobs.live)
+        self.monitors.excuse(held, now)
 
     def commit(self) -> None:
         """Make this iteration's state changes durable, then tell clients about them."""

@@ -60,6 +60,11 @@ class Monitors:
         for key in [k for k in self.open if k[0] == ident]:
             del self.open[key]
 
+    def excuse(self, held: float, now: float) -> None:
+        """The daemon was deaf for `held` seconds: not the monitors' silence."""
+        for m in self.open.values():
+            m.last_seen = min(now, m.last_seen + held)
+
     def tick(self, now: float, snapshot: Callable[[], dict[str, Any]],
              jobs: Callable[[int], list[dict[str, Any]]]) -> int:
         """Push a snapshot to every monitor that is due; forget silent ones. Returns how

@@ -129,6 +129,14 @@ class Subscriptions:
                 self.post(ident, error(r, Code.NOT_FOUND, "this request no longer watches a "
                                        "job (it was dropped after the client went silent)"))
 
+    def excuse(self, held: float, now: float, jobs: Iterable[Job]) -> None:
+        """The daemon was deaf for `held` seconds: that time does not count as its
+        listeners' silence."""
+        for job in jobs:
+            watchers = job.watchers
+            for key, seen in watchers.items():
+                watchers[key] = min(now, seen + held)
+
     def forsaken(self, now: float, jobs: Iterable[Job]) -> list[Job]:
         """Drop listeners silent past the limit; return the jobs left with nobody to hear
         them that are pointless without a listener."""

@@ -72,7 +72,7 @@ def test_no_wait_wait_show_jobs_cancel(null_daemon):
     assert json.loads(r.stdout)["task_id"] == task_id
     r = null_daemon.cli("jobs", "--json")
     assert task_id in [j["task_id"] for j in json.loads(r.stdout)["jobs"]]
-    r = null_daemon.cli("submit", "null", "-p", "steps=500", "-p", "delay_ms=10", "--no-wait")
+    r = null_daemon.cli("submit", "null", "-p", "steps=5000", "-p", "delay_ms=10", "--no-wait")
     long_id = r.stdout.decode().strip()
     r = null_daemon.cli("cancel", long_id, "--json")
     assert r.returncode == 0 and json.loads(r.stdout) == {

@@ -138,6 +138,7 @@ def secure_daemon(make_daemon, host: str, *, local: int = 0, allow: dict[str, st
 
 
 def remote_workers(d) -> list[dict]:
+    """From a daemon handle, or from a client: a client's calls keep its open streams alive."""
     return [w for dom in d.status()["domains"].values() for w in dom["workers"]
             if w.get("remote")]
 
@@ -255,11 +256,13 @@ def test_remote_worker_killed_mid_job_its_job_finishes_on_a_local_worker(make_da
         # goes to the remote one
         first = c.submit("null", {"steps": 30, "delay_ms": 50}, partials=False)
         wait_for(lambda: c.get(first.task_id)["status"] == "running", 10, 0.05, "first runs")
-        assert not any(w["job"] == first.task_id for w in remote_workers(d))
+        assert not any(w["job"] == first.task_id for w in remote_workers(c))
         job = c.submit("null", {"steps": 40, "delay_ms": 50})
-        wait_for(lambda: any(w["job"] == job.task_id for w in remote_workers(d)), 10, 0.05,
+        # polled through `c`, whose calls keep both streams alive: a client silent for a
+        # second would see its jobs cancelled
+        wait_for(lambda: any(w["job"] == job.task_id for w in remote_workers(c)), 10, 0.05,
                  "the job on the remote worker")
-        time.sleep(0.3)
+        wait_for(lambda: (c.get(job.task_id).get("step") or 0) >= 3, 10, 0.05, "under way")
         os.kill(remotes[0].proc.pid, signal.SIGKILL)
         final = job.wait()
         assert first.wait()["event"] == "result"

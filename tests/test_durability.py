@@ -45,10 +45,16 @@ def test_kill9_with_queued_and_running_jobs_loses_nothing(make_daemon, tmp_path)
         wait_for(lambda: sum(c.get(t)["status"] == "completed" for t in ids) >= 2
                  and sum(c.get(t)["status"] == "running" for t in ids) == 2, 30, 0.01,
                  "some done, two running")
+        # the workers are frozen first, so a job seen running cannot finish before the kill
+        # (the daemon's death still kills them: PR_SET_PDEATHSIG sends SIGKILL)
+        worker_pids = {w["pid"] for w in c.status()["domains"]["null"]["workers"]}
+        for pid in worker_pids:
+            os.kill(pid, signal.SIGSTOP)
         before = final_states(c, ids)
-    running_at_kill = [t for t, r in before.items() if r["status"] == "running"]
+        ran = set(record.read_text().split()) if record.exists() else set()
+    # a job whose worker had already finished it may have its result in flight: not counted
+    running_at_kill = [t for t, r in before.items() if r["status"] == "running" and t not in ran]
     queued_at_kill = [t for t, r in before.items() if r["status"] == "queued"]
-    worker_pids = {w["pid"] for w in d.status()["domains"]["null"]["workers"]}
     d.stop(signal.SIGKILL)
     wait_for(lambda: not any(pid_alive(p) for p in worker_pids), 10, what="workers die too")
     d.start()
@@ -291,7 +297,7 @@ def test_recovered_jobs_are_validated_again(make_daemon):
     from resisod.store import _pack, _unpack
     d = make_daemon(DURABLE.format(ttl=24).replace("workers = 2", "workers = 1"))
     with d.client() as c:
-        c.submit("null", {"steps": 20, "delay_ms": 50}, stream=False)  # holds the worker
+        c.submit("null", {"steps": 60, "delay_ms": 50}, stream=False)  # holds the worker
         old = c.submit("null", {"steps": 2}, stream=False).task_id
         over = c.submit("null", {"steps": 3}, stream=False).task_id
     assert d.stop() == 0

@@ -61,7 +61,11 @@ def speak(client, text: str) -> tuple[list[dict], dict]:
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two CPUs")
 def test_concurrent_requests_run_in_several_workers(make_daemon):
     d = make_daemon(DEFAULT_TTS)
-    workers = d.status()["domains"]["tts"]["workers"]
+    # the domain is ready once any worker is: wait for all, or every request lands on one
+    def all_ready():
+        ws = d.status()["domains"]["tts"]["workers"]
+        return ws if all(w["state"] == "ready" for w in ws) else None
+    workers = wait_for(all_ready, 120, 0.1, "every tts worker ready")
     assert len(workers) >= 2
     assert all(w["threads"] == 1 for w in workers)
     assert len({c for w in workers for c in w["cpus"]}) >= 2
