@@ -125,8 +125,8 @@ class BatchLoop:
         except Exception as exc:  # refused (context_overflow, ...): the others go on
             if not isinstance(exc, (JobError, Cancelled)):
                 traceback.print_exc(file=sys.stderr)
-            self.worker.send({**failure(task_id, exc, self.results_dir, self.budget_mb),
-                              **self.worker.cache_report()})
+            self.worker.send(failure(task_id, exc, self.results_dir, self.budget_mb),
+                             cache=True)
             return
         self.controls[task_id] = control
 
@@ -144,4 +144,4 @@ class BatchLoop:
                     self.engine.release_memory()
             else:
                 reply = {"op": WorkerMsg.DONE, "task_id": control.task_id, "result": outcome}
-            self.worker.send({**reply, **self.worker.cache_report()})
+            self.worker.send(reply, cache=True)

@@ -112,7 +112,12 @@ class Worker:
         self.stopping = False
         self.greeted = False            # a remote worker says hello before it has a spec
 
-    def send(self, msg: dict[str, Any]) -> None:
+    def send(self, msg: dict[str, Any], *, cache: bool = False) -> None:
+        """`cache`: the shared cache's breaker and counters ride along, on messages the daemon
+        reads anyway (ready, done, failed): its state changes only while this worker runs a
+        job."""
+        if cache and self.cache is not None:
+            msg["cache"] = self.cache.view()
         zmq_raw.send(self.sock, pack(msg), 0)
 
     def start_heartbeat(self) -> None:
@@ -154,8 +159,7 @@ class Worker:
             return 3
         self.send({"op": WorkerMsg.READY, "capacity": engine.capacity if batched else 1,
                    "warm_up": warm_up, "load_ms": (time.monotonic() - t0) * 1000,
-                   "runs_on": engine.runs_on(),
-                   **self.cache_report()})
+                   "runs_on": engine.runs_on()}, cache=True)
         if batched:
             def reload() -> Any:
                 fresh = create(domain, ectx)
@@ -231,14 +235,7 @@ class Worker:
                 traceback.print_exc(file=sys.stderr)
                 reply = {"op": WorkerMsg.FAILED, "task_id": task_id, "code": Code.ENGINE_ERROR,
                          "message": f"{type(exc).__name__}: {exc}"}
-        if self.cache is not None:
-            reply["cache"] = self.cache.view()
-        self.send(reply)
-
-    def cache_report(self) -> dict[str, Any]:
-        """The shared cache's breaker and counters, riding on messages the daemon reads anyway
-        (ready, done, failed): its state changes only while this worker runs a job."""
-        return {"cache": self.cache.view()} if self.cache is not None else {}
+        self.send(reply, cache=True)
 
     def poll_control(self, control: Any, wait: float) -> None:
         """Read control messages for the running job; wait up to `wait` s for the first."""
