@@ -11,8 +11,8 @@ Targets (2 cores): p50 <= 2x the relay's p50; >= 5,000 null jobs/s with 16 in fl
 
 Jobs/s are also printed as a share of the relay's messages/s in the same run. On a shared
 machine whose pace changes by the hour both rates move together, so the share tells the
-daemon's own cost apart from the machine's pace: the 5,000 line was set on a machine whose
-relay ran about 30,300 msgs/s, where the daemon kept 7,880 (0.26 of the relay).
+daemon's own cost apart from the machine's pace: the 5,000 line was set in a run whose
+relay made about 30,300 msgs/s, where the daemon kept 7,880 (0.26 of the relay).
 """
 from __future__ import annotations
 
