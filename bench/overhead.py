@@ -206,12 +206,11 @@ def main() -> None:
         for w in a.workers:
             for mode in a.modes:
                 r_lat, lat, r_rate, rate = measure(relay, a.n, a.inflight, w, mode)
-                ratio = pct(lat, .5) / pct(r_lat, .5)
+                ratio, share = pct(lat, .5) / pct(r_lat, .5), rate / r_rate
                 rows.append([mode, w, pct(r_lat, .5), pct(lat, .5), pct(lat, .99),
-                             f"{ratio:.2f}", r_rate, rate, f"{rate / r_rate:.2f}"])
-                best = verdicts.get(mode, (ratio, rate, rate / r_rate))
-                verdicts[mode] = (min(best[0], ratio), max(best[1], rate),
-                                  max(best[2], rate / r_rate))
+                             f"{ratio:.2f}", r_rate, rate, f"{share:.2f}"])
+                best = verdicts.get(mode, (ratio, rate, share))
+                verdicts[mode] = (min(best[0], ratio), max(best[1], rate), max(best[2], share))
     finally:
         relay.close()
     print(table(f"null job through resisod vs raw pyzmq ipc relay ({os.cpu_count()} CPUs, "
